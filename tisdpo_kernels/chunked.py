@@ -1,0 +1,187 @@
+"""Pure-PyTorch token-chunked path (``backend="torch"``): runs anywhere, CPU included.
+
+Computes per-token label log-probs (and, for the KL variants, the per-token KL between policy and
+reference) of the response rows without ever holding more than one chunk of ``[rows, V]`` logits,
+forward or backward: the forward keeps only per-row log-sum-exps, the backward recomputes each
+chunk's logits from them. Math in float32 (float64 for float64 inputs); gradients are accumulated
+in that precision and returned in the input dtype. Half-precision weights are upcast once per call
+(a ``[V, D]`` float32 copy), so the per-chunk matmuls run in float32 on CPU.
+
+Tested against ``reference.py`` in ``tests/test_chunked.py`` and through ``tests/test_loss.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# One chunk of logits holds about this many elements (16 MiB in float32).
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk so that one ``[rows, V]`` float32 logits chunk stays near 16 MiB."""
+    return max(1, DEFAULT_CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+@dataclass(frozen=True)
+class _ChunkParams:
+    chunk_size: int
+    kl_mode: str | None = None  # None (log-probs only), "tis" or "tdpo"
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _chunk_logits(h, w, b, cd):
+    z = h.to(cd) @ w.T
+    if b is not None:
+        z += b
+    return z
+
+
+class ChunkedLinearLogprobsFunction(torch.autograd.Function):
+    """``log_softmax(hidden @ weight.T + bias)[arange(n), labels]`` chunked over rows."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, params: _ChunkParams):
+        cd = _compute_dtype(hidden)
+        w, b = weight.to(cd), None if bias is None else bias.to(cd)
+        n = hidden.shape[0]
+        lse = torch.empty(n, dtype=cd, device=hidden.device)
+        logps = torch.empty(n, dtype=cd, device=hidden.device)
+        for s in range(0, n, params.chunk_size):
+            e = min(s + params.chunk_size, n)
+            z = _chunk_logits(hidden[s:e], w, b, cd)
+            lse[s:e] = torch.logsumexp(z, dim=-1)
+            logps[s:e] = z.gather(1, labels[s:e, None]).squeeze(1) - lse[s:e]
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.params = params
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        grads = _chunked_backward(ctx, hidden, weight, bias, labels, lse, grad_logps)
+        return grads[0], grads[1], grads[2], None, None
+
+
+def _chunked_backward(ctx, hidden, weight, bias, labels, lse, grad_logps, kl_terms=None):
+    """Shared backward: ``dz = g (onehot - p)`` plus the KL term of ``kl_terms`` for each chunk.
+
+    ``kl_terms`` is ``(ref_hidden, ref_weight, ref_bias, ref_lse, token_kl, grad_kl)`` or None.
+    Returns ``(d_hidden, d_weight, d_bias)``, each None where not needed.
+    """
+    params: _ChunkParams = ctx.params
+    cd = _compute_dtype(hidden)
+    need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    w, b = weight.to(cd), None if bias is None else bias.to(cd)
+    n = hidden.shape[0]
+    d_hidden = torch.empty_like(hidden) if need_h else None
+    d_weight = torch.zeros_like(w) if need_w else None
+    d_bias = torch.zeros_like(b) if need_b else None
+    g = grad_logps.to(cd) if grad_logps is not None else torch.zeros(n, dtype=cd, device=hidden.device)
+    if kl_terms is not None:
+        ref_hidden, ref_weight, ref_bias, ref_lse, token_kl, grad_kl = kl_terms
+        rw, rb = ref_weight.to(cd), None if ref_bias is None else ref_bias.to(cd)
+    for s in range(0, n, params.chunk_size):
+        e = min(s + params.chunk_size, n)
+        rows = torch.arange(e - s, device=hidden.device)
+        dz = _chunk_logits(hidden[s:e], w, b, cd)
+        dz -= lse[s:e, None]  # log p
+        if kl_terms is not None and grad_kl is not None:
+            logq = _chunk_logits(ref_hidden[s:e], rw, rb, cd)
+            logq -= ref_lse[s:e, None]
+            gk = grad_kl[s:e, None].to(cd)
+            if params.kl_mode == "tis":
+                # d KL(p||q) / dz = p * (log p - log q - KL)
+                logq.neg_().add_(dz).sub_(token_kl[s:e, None])  # log p - log q - KL
+                dz.exp_()  # p
+                logq.mul_(dz).mul_(gk)
+                dz.mul_(-g[s:e, None]).add_(logq)
+            else:
+                # d KL(q||p) / dz = p - q
+                logq.exp_().mul_(gk)
+                dz.exp_()
+                dz.mul_(gk - g[s:e, None]).sub_(logq)
+        else:
+            dz.exp_().mul_(-g[s:e, None])
+        dz[rows, labels[s:e]] += g[s:e]
+        if need_h:
+            d_hidden[s:e] = (dz @ w).to(hidden.dtype)
+        if need_w:
+            d_weight.addmm_(dz.T, hidden[s:e].to(cd))
+        if need_b:
+            d_bias += dz.sum(0)
+    return (
+        d_hidden,
+        None if d_weight is None else d_weight.to(weight.dtype),
+        None if d_bias is None else d_bias.to(bias.dtype),
+    )
+
+
+class ChunkedLinearKLFunction(torch.autograd.Function):
+    """Policy and reference log-probs of the labels plus the per-token KL, chunked over rows.
+
+    Gradients flow into the policy (hidden, weight, bias) only; the reference is a constant.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, params: _ChunkParams):
+        cd = _compute_dtype(hidden)
+        w, b = weight.to(cd), None if bias is None else bias.to(cd)
+        rw, rb = ref_weight.to(cd), None if ref_bias is None else ref_bias.to(cd)
+        n = hidden.shape[0]
+        lse, ref_lse, logps, ref_logps, token_kl = (
+            torch.empty(n, dtype=cd, device=hidden.device) for _ in range(5)
+        )
+        for s in range(0, n, params.chunk_size):
+            e = min(s + params.chunk_size, n)
+            z = _chunk_logits(hidden[s:e], w, b, cd)
+            lse[s:e] = torch.logsumexp(z, dim=-1)
+            logp = z.sub_(lse[s:e, None])
+            z_ref = _chunk_logits(ref_hidden[s:e], rw, rb, cd)
+            ref_lse[s:e] = torch.logsumexp(z_ref, dim=-1)
+            logq = z_ref.sub_(ref_lse[s:e, None])
+            lbl = labels[s:e, None]
+            logps[s:e] = logp.gather(1, lbl).squeeze(1)
+            ref_logps[s:e] = logq.gather(1, lbl).squeeze(1)
+            if params.kl_mode == "tis":
+                token_kl[s:e] = (logp.exp() * (logp - logq)).sum(-1)
+            else:
+                token_kl[s:e] = (logq.exp() * (logq - logp)).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, ref_hidden, ref_weight, ref_bias, ref_lse, token_kl)
+        ctx.params = params
+        ctx.mark_non_differentiable(ref_logps)
+        return logps, ref_logps, token_kl
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_ref_logps, grad_kl):
+        hidden, weight, bias, labels, lse, ref_hidden, ref_weight, ref_bias, ref_lse, token_kl = ctx.saved_tensors
+        kl_terms = (ref_hidden, ref_weight, ref_bias, ref_lse, token_kl, grad_kl)
+        d_h, d_w, d_b = _chunked_backward(ctx, hidden, weight, bias, labels, lse, grad_logps, kl_terms)
+        return d_h, d_w, d_b, None, None, None, None, None
+
+
+def chunked_linear_logprobs(hidden, weight, labels, bias=None, chunk_size=None):
+    """Label log-probs of response rows, chunked: ``hidden [n, D]``, ``weight [V, D]``,
+    ``labels [n]`` int64 in ``[0, V)``, ``bias [V]`` or None -> ``[n]`` float32 (float64 for
+    float64 inputs). Differentiable w.r.t. hidden, weight and bias."""
+    params = _ChunkParams(chunk_size or default_chunk_size(weight.shape[0]))
+    return ChunkedLinearLogprobsFunction.apply(hidden, weight, bias, labels, params)
+
+
+def chunked_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=None, ref_bias=None,
+                      chunk_size=None):
+    """``(logps, ref_logps, token_kl)``, each ``[n]`` float32, for response rows.
+
+    ``mode="tis"``: ``KL(pi_theta || pi_ref)``; ``mode="tdpo"``: ``KL(pi_ref || pi_theta)``, summed
+    over the full vocabulary per row. ``ref_hidden [n, D_ref]``, ``ref_weight [V, D_ref]``.
+    Differentiable w.r.t. the policy's hidden, weight and bias only.
+    """
+    if mode not in ("tis", "tdpo"):
+        raise ValueError(f"mode must be 'tis' or 'tdpo', got {mode!r}")
+    params = _ChunkParams(chunk_size or default_chunk_size(weight.shape[0]), kl_mode=mode)
+    return ChunkedLinearKLFunction.apply(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, params)
