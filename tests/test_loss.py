@@ -57,7 +57,7 @@ def _assert_close_results(ours, ref, rel):
     assert set(met_o) == set(met_r)
     errs = {"loss": _max_rel(loss_o, loss_r)}
     errs.update({k: _max_rel(met_o[k], met_r[k]) for k in met_r})
-    errs.update({f"grad{i}": _max_rel(go, gr) for i, (go, gr) in enumerate(zip(grads_o, grads_r))})
+    errs.update({f"grad{i}": _max_rel(go, gr) for i, (go, gr) in enumerate(zip(grads_o, grads_r, strict=True))})
     print({k: f"{v:.2e}" for k, v in errs.items()})
     assert max(errs.values()) <= rel, errs
 
@@ -101,7 +101,7 @@ def test_chunked_float32_error_within_torch_error(kl):
     torch32 = _run(reference_tis_dpo_loss, _inputs(b32, kl, "token", "padded"), **opts)
     ours32 = _run(fused_tis_dpo_loss, _inputs(b32, kl, "token", "padded"), backend="torch", chunk_size=17, **opts)
     for name, t, o, r in [("loss", truth[0], ours32[0], torch32[0])] + [
-        (f"grad{i}", gt, go, gr) for i, (gt, go, gr) in enumerate(zip(truth[2], ours32[2], torch32[2]))
+        (f"grad{i}", gt, go, gr) for i, (gt, go, gr) in enumerate(zip(truth[2], ours32[2], torch32[2], strict=True))
     ]:
         ours_err = (o.double() - t).abs().max().item()
         torch_err = (r.double() - t).abs().max().item()
@@ -151,7 +151,7 @@ def test_fused_linear_logprobs_matches_reference_and_zero_on_ignored():
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     go = torch.autograd.grad((ours * g_out).sum(), (h, w))
     gr = torch.autograd.grad((ref * g_out).sum(), (h, w))
-    for a, r in zip(go, gr):
+    for a, r in zip(go, gr, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
 
 
@@ -170,7 +170,7 @@ def test_half_precision_inputs_give_fp32_outputs_and_input_dtype_grads(dtype):
     loss32, _, grads32 = _run(fused_tis_dpo_loss, kw32, backend="torch")
     torch.testing.assert_close(loss, loss32, rtol=1e-5, atol=1e-6)
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3  # one rounding of the gradient to the input dtype
-    for g, g32 in zip(grads, grads32):
+    for g, g32 in zip(grads, grads32, strict=True):
         torch.testing.assert_close(g.float(), g32, rtol=tol, atol=tol * g32.abs().max().item())
 
 
@@ -247,7 +247,7 @@ def test_unit_weights_equal_trl_style_dpo():
     torch.testing.assert_close(ours, trl, rtol=1e-12, atol=0)
     g_ours = torch.autograd.grad(ours, (h, w))
     g_trl = torch.autograd.grad(trl, (h, w))
-    for a, r in zip(g_ours, g_trl):
+    for a, r in zip(g_ours, g_trl, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-13)
 
 
@@ -265,5 +265,5 @@ def test_unit_weights_equal_liger_fused_linear_dpo(loss_type):
     torch.testing.assert_close(ours, lig, rtol=1e-5, atol=1e-6)
     g_ours = torch.autograd.grad(ours, (h, w))
     g_lig = torch.autograd.grad(lig, (h, w))
-    for a, r in zip(g_ours, g_lig):
+    for a, r in zip(g_ours, g_lig, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)

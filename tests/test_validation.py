@@ -9,7 +9,6 @@ from tisdpo_kernels import fused_linear_logprobs, fused_tis_dpo_loss
 
 from .batches import IGNORE, make_batch
 
-
 _DROP = object()  # marks an argument to leave out of the call
 
 

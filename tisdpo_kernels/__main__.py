@@ -34,7 +34,7 @@ def main() -> int:
             loss, metrics = fn(h, w, labels, ref_hidden=ref_hidden, ref_weight=ref_weight,
                                token_weights=token_weights, kl=kl)
             results.append((loss.detach(), *torch.autograd.grad(loss, (h, w)), metrics["rewards/margins"]))
-        errs = [((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item() for a, b in zip(*results)]
+        errs = [((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item() for a, b in zip(*results, strict=True)]
         worst = max(worst, *errs)
         print(f"  kl={str(kl):7s} loss={results[0][0].item():.6f}  max rel. diff vs reference "
               f"(loss, dH, dW, margin): " + ", ".join(f"{e:.1e}" for e in errs))

@@ -1,0 +1,115 @@
+"""TISDPOConfig defaults and validation, and the `tisdpo` command line (tisdpo/config.py, tisdpo/cli.py)."""
+
+import json
+import os
+import sys
+import types
+
+import pytest
+import torch
+import yaml
+
+from tests.trainer.tiny import ASSETS, HH_PATH, no_checkpointing, tiny_llama
+from tisdpo import TISDPOConfig, cli
+
+RUN_YAML = os.path.join(ASSETS, "tiny_run.yaml")
+
+
+def _config(tmp_path, **kwargs):
+    return TISDPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)
+
+
+def test_defaults(tmp_path):
+    config = _config(tmp_path)
+    # `gradient_checkpointing` is the field before transformers 5 and mirrors `activation_checkpointing` after
+    assert config.gradient_checkpointing is True
+    assert (config.beta, config.alpha, config.loss_type, config.kl) == (0.1, 0.5, "sigmoid", None)
+    assert config.weight_transform == "origin" and config.padding_free is None
+    assert config.resolved_model_init_kwargs() == {"dtype": torch.float32}  # CPU run
+    assert _config(tmp_path, **no_checkpointing()).gradient_checkpointing is False
+
+
+def test_dtype_resolution_and_json_kwargs(tmp_path):
+    config = _config(tmp_path, model_init_kwargs='{"dtype": "bfloat16", "attn_implementation": "eager"}',
+                     ref_model_init_kwargs={"torch_dtype": "float16"})
+    assert config.resolved_model_init_kwargs() == {"dtype": torch.bfloat16, "attn_implementation": "eager"}
+    assert config.resolved_model_init_kwargs("ref_model") == {"dtype": torch.float16}
+    assert json.loads(json.dumps(config.to_dict()))["model_init_kwargs"]["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="dtype"):
+        _config(tmp_path, model_init_kwargs={"dtype": "float99"}).resolved_model_init_kwargs()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(loss_type="kto"), "loss_type"),
+        (dict(kl="forward"), "kl"),
+        (dict(kl="tisdpo", loss_type="sft"), "sft"),
+        (dict(kl="tdpo1", precompute_ref_log_probs=True), "precompute_ref_log_probs"),
+        (dict(weight_transform="rank_based"), "weight_transform"),
+        (dict(weight_transform="exp_clamp", weight_transform_kwargs={"sigma": 1.0}), "transform_kwargs"),
+        (dict(truncation_mode="middle"), "truncation_mode"),
+        (dict(loss_backend="cuda"), "loss_backend"),
+        (dict(beta=0.0), "beta"),
+        (dict(label_smoothing=0.5), "label_smoothing"),
+        (dict(max_length=1), "max_length"),
+    ],
+)
+def test_validation(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _config(tmp_path, **kwargs)
+
+
+def test_trainer_rejects_plain_training_arguments(tmp_path, tok):
+    from transformers import TrainingArguments
+
+    from tisdpo import TISDPOTrainer
+
+    with pytest.raises(TypeError, match="TISDPOConfig"):
+        TISDPOTrainer(tiny_llama(len(tok)), args=TrainingArguments(output_dir=str(tmp_path)), processing_class=tok)
+
+
+def test_cli_train_from_yaml_with_flag_override(tmp_path, tok):
+    """`tisdpo train --config tests/assets/tiny_run.yaml --model_name_or_path DIR ... --max_steps 2` loads a saved
+    model by path (and its tokenizer), trains, saves model, tokenizer and trainer state."""
+    model_dir = tmp_path / "model"
+    tiny_llama(len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    flags = ["--model_name_or_path", str(model_dir), "--dataset_name", HH_PATH, "--output_dir", str(out)]
+    assert cli.main(["train", "--config", RUN_YAML, *flags, "--max_steps", "2", "--beta", "0.2"]) == 0
+    with open(out / "trainer_state.json") as f:
+        state = json.load(f)
+    assert state["global_step"] == 2
+    assert os.path.exists(out / "config.json") and os.path.exists(out / "tokenizer.json")
+
+    _, parsed = cli.parse_train_args(["--config", RUN_YAML, *flags, "--beta", "0.2"])
+    assert parsed.beta == 0.2 and parsed.max_steps == 5 and parsed.learning_rate == 1e-3
+    assert parsed.model_init_kwargs == {"dtype": "float32"}
+    with open(RUN_YAML) as f:
+        config = yaml.safe_load(f)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(dict(config, betta=0.3)))
+    with pytest.raises(SystemExit):
+        cli.parse_train_args(["--config", str(bad), *flags])
+
+
+def test_cli_dispatch_and_plugins(monkeypatch, capsys):
+    calls = []
+    plugin = types.ModuleType("tisdpo_fake_plugin")
+
+    def demo(argv):
+        """Run the demo."""
+        calls.append(argv)
+        return 3
+
+    plugin.CLI_COMMANDS = {"demo": demo}
+    monkeypatch.setitem(sys.modules, "tisdpo_fake_plugin", plugin)
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: name == "tisdpo_fake_plugin" or None)
+    monkeypatch.setattr(cli, "PLUGIN_MODULES", ("tisdpo_fake_plugin", "tisdpo.not_there"))
+    assert cli.main(["demo", "--fast"]) == 3 and calls == [["--fast"]]
+    assert cli.main(["--help"]) == 0
+    assert "demo" in capsys.readouterr().out
+    assert cli.main(["nope"]) == 2
+    assert "unknown command 'nope'" in capsys.readouterr().err
+    assert cli.main([]) == 2

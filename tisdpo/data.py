@@ -1,0 +1,421 @@
+"""Preference data: loading, tokenisation, truncation and batch collation.
+
+Accepted example formats (TRL's preference formats):
+
+* explicit prompt, plain text: `{"prompt": str, "chosen": str, "rejected": str}`;
+* explicit prompt, conversational: `{"prompt": [messages], "chosen": [messages], "rejected": [messages]}` with
+  messages `{"role": ..., "content": ...}`, rendered with the tokenizer's chat template;
+* implicit prompt: `{"chosen": ..., "rejected": ...}` full texts or dialogues sharing a prefix (Anthropic
+  HH-RLHF's `"\n\nHuman: ...\n\nAssistant: ..."`); the shared prefix becomes the prompt (`extract_prompt`).
+
+Optional per-token columns `chosen_weights` / `rejected_weights` (one float per response token, as tokenised
+by `tokenize_row`) ride along; see `TISDPOConfig` for what they hold.
+
+The tokenised dataset has the columns `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids`
+(response tokens only) and, when present, the weight columns and the per-token reference log-prob columns
+`ref_chosen_token_logps` / `ref_rejected_token_logps` (added by the trainer's precompute step).
+
+`PreferenceCollator` turns a list of tokenised pairs into one batch of 2B sequences, the B chosen ones first,
+either padded (`[2B, T]`) or packed without padding (`[1, N]` with `position_ids` and `cu_seqlens`). Labels are
+already shifted: `labels[..., t]` is the token predicted from the hidden state at position t, and is -100
+(`IGNORE_INDEX`) on prompt, padding and the last position of each sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import torch
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+PROMPT_IDS = "prompt_input_ids"
+CHOSEN_IDS = "chosen_input_ids"
+REJECTED_IDS = "rejected_input_ids"
+CHOSEN_WEIGHTS = "chosen_weights"
+REJECTED_WEIGHTS = "rejected_weights"
+REF_CHOSEN_LOGPS = "ref_chosen_token_logps"
+REF_REJECTED_LOGPS = "ref_rejected_token_logps"
+WEIGHT_COLUMNS = (CHOSEN_WEIGHTS, REJECTED_WEIGHTS)
+REF_COLUMNS = (REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS)
+TOKENIZED_COLUMNS = (PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS, *WEIGHT_COLUMNS, *REF_COLUMNS)
+
+_SWAP = {
+    "chosen": "rejected",
+    "rejected": "chosen",
+    CHOSEN_IDS: REJECTED_IDS,
+    REJECTED_IDS: CHOSEN_IDS,
+    CHOSEN_WEIGHTS: REJECTED_WEIGHTS,
+    REJECTED_WEIGHTS: CHOSEN_WEIGHTS,
+    REF_CHOSEN_LOGPS: REF_REJECTED_LOGPS,
+    REF_REJECTED_LOGPS: REF_CHOSEN_LOGPS,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Formats
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in value
+    )
+
+
+def is_conversational(example: dict[str, Any]) -> bool:
+    """True when the example's `chosen` (and so the whole example) is a list of chat messages."""
+    return _is_messages(example.get("chosen"))
+
+
+def extract_prompt(chosen: str | list, rejected: str | list) -> tuple[str | list, str | list, str | list]:
+    """Split an implicit-prompt pair into `(prompt, chosen_response, rejected_response)`.
+
+    Dialogues (message lists): the prompt is the longest common run of leading messages. Texts: the prompt is
+    the longest common prefix, moved back to the start of the word where the texts diverge and then before the
+    spaces that precede that word, so the response starts with its separating space (`"...Assistant:"`,
+    `" Sure"`), which is how word-piece tokenizers attach spaces.
+    """
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        i = 0
+        limit = min(len(chosen), len(rejected))
+        while i < limit and chosen[i] == rejected[i]:
+            i += 1
+        if i < limit or len(chosen) != len(rejected):  # they diverge (or one continues the other)
+            while i > 0 and not chosen[i - 1].isspace():
+                i -= 1
+            while i > 0 and chosen[i - 1] == " ":
+                i -= 1
+        return chosen[:i], chosen[i:], rejected[i:]
+    if _is_messages(chosen) and _is_messages(rejected):
+        i = 0
+        while i < min(len(chosen), len(rejected)) and chosen[i] == rejected[i]:
+            i += 1
+        return chosen[:i], chosen[i:], rejected[i:]
+    raise TypeError(
+        "`chosen` and `rejected` must both be strings or both be lists of {'role', 'content'} messages, got "
+        f"{type(chosen).__name__} and {type(rejected).__name__}"
+    )
+
+
+def apply_chat_template(example: dict[str, Any], tokenizer) -> dict[str, str]:
+    """Render a conversational example to `{"prompt", "chosen", "rejected"}` texts with the chat template.
+
+    The prompt is rendered with `add_generation_prompt=True`; each response is the rendering of prompt +
+    response with the prompt's rendering removed from its front (a `ValueError` if the template does not render
+    the prompt as a prefix of the full dialogue).
+    """
+    if "prompt" in example and example["prompt"] is not None:
+        prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
+        if not (isinstance(prompt, list) and _is_messages(chosen) and _is_messages(rejected)):
+            raise TypeError("a conversational example needs message lists in `prompt`, `chosen` and `rejected`")
+    else:
+        prompt, chosen, rejected = extract_prompt(example["chosen"], example["rejected"])
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("conversational data needs a tokenizer with a `chat_template`")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    out = {"prompt": prompt_text}
+    for key, response in (("chosen", chosen), ("rejected", rejected)):
+        full = tokenizer.apply_chat_template(list(prompt) + list(response), tokenize=False)
+        if not full.startswith(prompt_text):
+            raise ValueError(
+                "the chat template does not render the prompt (with add_generation_prompt=True) as a prefix of "
+                f"the prompt + {key} dialogue; cannot split the {key} response off"
+            )
+        out[key] = full[len(prompt_text):]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenisation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def tokenize_row(
+    example: dict[str, Any],
+    tokenizer,
+    *,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    truncation_mode: str = "keep_end",
+) -> dict[str, list] | None:
+    """Tokenise and truncate one preference example; None when it must be dropped.
+
+    Plain text gets the tokenizer's BOS token in front of the prompt and its EOS token after each response
+    (when the tokenizer defines them and the text does not already have them); chat-template text is tokenised
+    as rendered. Weight columns, when present, must hold one float per response token of this tokenisation and
+    are truncated together with the tokens.
+
+    Returns `{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"[, "chosen_weights",
+    "rejected_weights"]}`, or None if the prompt or a response is empty (after truncation).
+    """
+    if truncation_mode not in ("keep_end", "keep_start"):
+        raise ValueError(f"`truncation_mode` must be 'keep_end' or 'keep_start', got {truncation_mode!r}")
+    if "chosen" not in example or "rejected" not in example:
+        raise ValueError(f"a preference example needs `chosen` and `rejected`, got keys {sorted(example)}")
+    plain = not is_conversational(example)
+    if plain:
+        if example.get("prompt") is None:
+            prompt, chosen, rejected = extract_prompt(example["chosen"], example["rejected"])
+        else:
+            prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
+        if not all(isinstance(x, str) for x in (prompt, chosen, rejected)):
+            raise TypeError("`prompt`, `chosen` and `rejected` must all be strings or all be message lists")
+    else:
+        texts = apply_chat_template(example, tokenizer)
+        prompt, chosen, rejected = texts["prompt"], texts["chosen"], texts["rejected"]
+
+    prompt_ids, chosen_ids, rejected_ids = (_encode(tokenizer, text) for text in (prompt, chosen, rejected))
+    if plain:
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
+            prompt_ids = [bos] + prompt_ids
+        if eos is not None:
+            chosen_ids = chosen_ids if chosen_ids and chosen_ids[-1] == eos else chosen_ids + [eos]
+            rejected_ids = rejected_ids if rejected_ids and rejected_ids[-1] == eos else rejected_ids + [eos]
+
+    responses = {"chosen": [chosen_ids, None], "rejected": [rejected_ids, None]}
+    for key, column in (("chosen", CHOSEN_WEIGHTS), ("rejected", REJECTED_WEIGHTS)):
+        if example.get(column) is not None:
+            weights = [float(w) for w in example[column]]
+            if len(weights) != len(responses[key][0]):
+                raise ValueError(
+                    f"`{column}` has {len(weights)} values but the {key} response has {len(responses[key][0])} "
+                    "tokens; weights must be computed on the same tokenisation (tisdpo.data.tokenize_row)"
+                )
+            responses[key][1] = weights
+
+    def cut_response(limit: int) -> None:
+        for item in responses.values():
+            item[0] = item[0][:limit]
+            if item[1] is not None:
+                item[1] = item[1][:limit]
+
+    if max_completion_length is not None:
+        cut_response(max_completion_length)
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        keep_end = truncation_mode == "keep_end"
+        prompt_ids = prompt_ids[-max_prompt_length:] if keep_end else prompt_ids[:max_prompt_length]
+    if max_length is not None:
+        if truncation_mode == "keep_end":
+            longest = max(len(item[0]) for item in responses.values())
+            excess = len(prompt_ids) + longest - max_length
+            if excess > 0:
+                prompt_ids = prompt_ids[min(excess, len(prompt_ids) - 1):]
+        else:
+            prompt_ids = prompt_ids[:max_length]
+        cut_response(max_length - len(prompt_ids))
+
+    if not prompt_ids or any(len(item[0]) == 0 for item in responses.values()):
+        return None
+    out = {PROMPT_IDS: prompt_ids, CHOSEN_IDS: responses["chosen"][0], REJECTED_IDS: responses["rejected"][0]}
+    if responses["chosen"][1] is not None or responses["rejected"][1] is not None:
+        if responses["chosen"][1] is None or responses["rejected"][1] is None:
+            raise ValueError(f"`{CHOSEN_WEIGHTS}` and `{REJECTED_WEIGHTS}` must be given together")
+        out[CHOSEN_WEIGHTS], out[REJECTED_WEIGHTS] = responses["chosen"][1], responses["rejected"][1]
+    return out
+
+
+def _tokenize_batch(batch: dict[str, list], tokenizer, options: dict[str, Any]) -> dict[str, list]:
+    keys = list(batch)
+    out: dict[str, list] = {}
+    for i in range(len(batch[keys[0]])):
+        row = tokenize_row({k: batch[k][i] for k in keys}, tokenizer, **options)
+        if row is None:
+            continue
+        for k, v in row.items():
+            out.setdefault(k, []).append(v)
+    if not out:  # every row of this batch was dropped: keep the schema
+        out = {PROMPT_IDS: [], CHOSEN_IDS: [], REJECTED_IDS: []}
+        if CHOSEN_WEIGHTS in batch:
+            out[CHOSEN_WEIGHTS], out[REJECTED_WEIGHTS] = [], []
+    return out
+
+
+def swap_preferences(dataset: datasets.Dataset) -> datasets.Dataset:
+    """Exchange chosen and rejected columns (texts, token ids, weights, reference log-probs)."""
+    mapping = {old: new for old, new in _SWAP.items() if old in dataset.column_names}
+    missing = [new for new in mapping.values() if new not in mapping]
+    if missing:
+        raise ValueError(f"cannot swap preferences: columns {missing} lack their counterparts")
+    return dataset.rename_columns(mapping)
+
+
+def prepare_preference_dataset(
+    dataset: datasets.Dataset,
+    tokenizer,
+    *,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    truncation_mode: str = "keep_end",
+    reverse_preferences: bool = False,
+    num_proc: int | None = None,
+    name: str = "train",
+) -> datasets.Dataset:
+    """Tokenise a preference dataset (any accepted format) into the columns `PreferenceCollator` reads.
+
+    Columns other than the text, weight and reference columns are dropped. An already tokenised dataset (with
+    `prompt_input_ids`) is returned as is (after the optional swap). Pairs dropped because truncation emptied the
+    prompt or a response are counted in the log.
+    """
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"`{name}_dataset` must be a datasets.Dataset, got {type(dataset).__name__}")
+    if reverse_preferences:
+        dataset = swap_preferences(dataset)
+    columns = dataset.column_names
+    if PROMPT_IDS in columns:
+        missing = [c for c in (CHOSEN_IDS, REJECTED_IDS) if c not in columns]
+        if missing:
+            raise ValueError(f"tokenised `{name}_dataset` lacks the columns {missing}")
+        return dataset.remove_columns([c for c in columns if c not in TOKENIZED_COLUMNS])
+    missing = [c for c in ("chosen", "rejected") if c not in columns]
+    if missing:
+        raise ValueError(f"`{name}_dataset` lacks the columns {missing} (has {columns})")
+    if (CHOSEN_WEIGHTS in columns) != (REJECTED_WEIGHTS in columns):
+        raise ValueError(f"`{name}_dataset` must have both or neither of {WEIGHT_COLUMNS}")
+    options = {
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+        "max_completion_length": max_completion_length,
+        "truncation_mode": truncation_mode,
+    }
+    tokenized = dataset.map(
+        _tokenize_batch,
+        batched=True,
+        remove_columns=columns,
+        fn_kwargs={"tokenizer": tokenizer, "options": options},
+        num_proc=num_proc,
+        desc=f"Tokenizing {name} preference pairs",
+    )
+    dropped = len(dataset) - len(tokenized)
+    if dropped:
+        logger.warning(
+            "Dropped %d of %d %s pairs whose prompt or response was empty after truncation "
+            "(max_length=%s, max_prompt_length=%s, max_completion_length=%s, truncation_mode=%s).",
+            dropped, len(dataset), name, max_length, max_prompt_length, max_completion_length, truncation_mode,
+        )
+    if len(tokenized) == 0:
+        raise ValueError(f"no {name} pair is left after tokenisation and truncation (all {len(dataset)} dropped)")
+    return tokenized
+
+
+def load_preference_dataset(source: str, split: str = "train", **kwargs: Any) -> datasets.Dataset:
+    """Load a dataset by hub name, local JSON/JSONL/CSV/Parquet file, or a `save_to_disk` directory.
+
+    Extra keyword arguments go to `datasets.load_dataset` (e.g. `name=` for a configuration).
+    """
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, "dataset_info.json")):
+        loaded = datasets.load_from_disk(source)
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    extension = os.path.splitext(source)[1].lower()
+    builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+    if os.path.isfile(source):
+        if extension not in builders:
+            raise ValueError(f"unsupported data file extension {extension!r} in {source!r}; use {sorted(builders)}")
+        return datasets.load_dataset(builders[extension], data_files=source, split=split, **kwargs)
+    return datasets.load_dataset(source, split=split, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreferenceCollator:
+    """Collate tokenised pairs into one batch of 2B sequences: the B chosen ones, then the B rejected ones.
+
+    Sequence k is `prompt + response`; with P prompt tokens and R response tokens its labels are -100 at
+    positions 0..P-2, the response tokens at P-1..P+R-2 and -100 at the last position (labels are shifted).
+    Per-token columns (weights, reference log-probs) are placed at the same positions as the response labels
+    and are 0 elsewhere.
+
+    Padded (`padding_free=False`) output, T = longest sequence:
+        input_ids [2B, T] int64 (right-padded with `pad_token_id`), attention_mask [2B, T] int64,
+        labels [2B, T] int64, cu_seqlens [2B+1] int32 (row boundaries of the flattened batch, `k*T`).
+    Packed (`padding_free=True`) output, N = total tokens:
+        input_ids [1, N] int64, position_ids [1, N] int64 (restarting at 0 for every sequence),
+        labels [1, N] int64, cu_seqlens [2B+1] int32 (sequence boundaries).
+    Both, when the pairs carry them: token_weights [same as labels] float32 (chosen weights then rejected
+    weights), ref_logps [same as labels] float32.
+    """
+
+    pad_token_id: int
+    padding_free: bool = False
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if len(features) == 0:
+            raise ValueError("`features` is empty")
+        has_weights = [CHOSEN_WEIGHTS in f and f[CHOSEN_WEIGHTS] is not None for f in features]
+        has_ref = [REF_CHOSEN_LOGPS in f and f[REF_CHOSEN_LOGPS] is not None for f in features]
+        if len(set(has_weights)) > 1 or len(set(has_ref)) > 1:
+            raise ValueError("either every pair of a batch carries weights (reference log-probs) or none does")
+        sequences: list[tuple[list[int], list[int], list[float] | None, list[float] | None]] = []
+        for side, ids_key, weight_key, ref_key in (
+            ("chosen", CHOSEN_IDS, CHOSEN_WEIGHTS, REF_CHOSEN_LOGPS),
+            ("rejected", REJECTED_IDS, REJECTED_WEIGHTS, REF_REJECTED_LOGPS),
+        ):
+            for f in features:
+                prompt, response = list(f[PROMPT_IDS]), list(f[ids_key])
+                if not prompt or not response:
+                    raise ValueError(f"a pair has an empty prompt or {side} response")
+                for key in (weight_key, ref_key):
+                    if f.get(key) is not None and len(f[key]) != len(response):
+                        raise ValueError(f"`{key}` has {len(f[key])} values for a {len(response)}-token response")
+                sequences.append((prompt, response, f.get(weight_key), f.get(ref_key)))
+
+        rows = []
+        for prompt, response, weights, ref in sequences:
+            n_prompt, n = len(prompt), len(prompt) + len(response)
+            labels = [IGNORE_INDEX] * n
+            labels[n_prompt - 1 : n - 1] = response
+            row = {"input_ids": prompt + response, "labels": labels}
+            for name, values in (("token_weights", weights), ("ref_logps", ref)):
+                if values is not None:
+                    dense = [0.0] * n
+                    dense[n_prompt - 1 : n - 1] = values
+                    row[name] = dense
+            rows.append(row)
+        float_keys = [k for k in ("token_weights", "ref_logps") if k in rows[0]]
+        lengths = [len(r["input_ids"]) for r in rows]
+
+        if self.padding_free:
+            batch = {
+                "input_ids": torch.tensor([sum((r["input_ids"] for r in rows), [])], dtype=torch.long),
+                "position_ids": torch.tensor([[p for n in lengths for p in range(n)]], dtype=torch.long),
+                "labels": torch.tensor([sum((r["labels"] for r in rows), [])], dtype=torch.long),
+            }
+            for key in float_keys:
+                batch[key] = torch.tensor([sum((r[key] for r in rows), [])], dtype=torch.float32)
+            bounds = [0]
+            for n in lengths:
+                bounds.append(bounds[-1] + n)
+            batch["cu_seqlens"] = torch.tensor(bounds, dtype=torch.int32)
+            return batch
+
+        width = max(lengths)
+
+        def padded(key, value, dtype):
+            return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in rows], dtype=dtype)
+
+        batch = {
+            "input_ids": padded("input_ids", self.pad_token_id, torch.long),
+            "attention_mask": torch.tensor([[1] * n + [0] * (width - n) for n in lengths], dtype=torch.long),
+            "labels": padded("labels", IGNORE_INDEX, torch.long),
+        }
+        for key in float_keys:
+            batch[key] = padded(key, 0.0, torch.float32)
+        batch["cu_seqlens"] = torch.arange(len(rows) + 1, dtype=torch.int32) * width
+        return batch

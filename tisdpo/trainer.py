@@ -1,0 +1,583 @@
+"""`TISDPOTrainer`: TIS-DPO / DPO / TDPO / SFT training on `transformers.Trainer`.
+
+One step: the collator lays out the B chosen and B rejected sequences (padded `[2B, T]` or packed `[1, N]`), the
+model runs with its LM head applied to zero positions (`logits_to_keep` = an empty index, so no logits exist)
+while a forward hook on the decoder body keeps the last hidden states, and
+`tisdpo_kernels.fused_tis_dpo_loss(hidden, lm_head.weight, labels, ...)` turns the response rows into the loss
+and its metrics without materialising `[tokens, vocab]` logits. The call goes through the wrapped model (DDP,
+FSDP, DeepSpeed as prepared by accelerate), so their forward/backward hooks run as in any Trainer step.
+
+Reference log-probs come from (in this order of precedence): precomputed per-token values cached on disk
+(`precompute_ref_log_probs=True`), an explicit frozen `ref_model`, the PEFT base model with its adapter disabled,
+or a frozen copy of the initial policy. `loss_type="sft"` needs none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import inspect
+import logging
+import os
+import time
+from collections import defaultdict
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from accelerate import PartialState
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
+
+from tisdpo_kernels import fused_linear_logprobs, fused_tis_dpo_loss
+from tisdpo_kernels.reference import apply_weight_transform
+
+from .config import TISDPOConfig
+from .data import (
+    CHOSEN_IDS,
+    IGNORE_INDEX,
+    PROMPT_IDS,
+    REF_CHOSEN_LOGPS,
+    REF_REJECTED_LOGPS,
+    REJECTED_IDS,
+    TOKENIZED_COLUMNS,
+    PreferenceCollator,
+    prepare_preference_dataset,
+)
+
+logger = logging.getLogger(__name__)
+
+# Attention implementations for which transformers turns packed `position_ids` (no attention mask) into exact
+# per-sequence attention: varlen kernels for flash attention, a block-diagonal mask for the others.
+PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention", "sdpa", "eager")
+# Of those, the ones where packing also saves memory and time (no dense [N, N] mask): used when padding_free=None.
+EFFICIENT_PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
+_REF_CACHE_VERSION = "tisdpo-ref-logps-v1"
+
+
+def _attn_implementation(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "eager")
+
+
+def _packing_supported(attn: str) -> bool:
+    # hub kernels such as "kernels-community/flash-attn2" use the same varlen path as flash_attention_2
+    return attn in PACKING_ATTENTION or "flash" in attn
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def _apply_liger_patches(model: nn.Module) -> None:
+    """Liger-Kernel's RMSNorm, SwiGLU and RoPE kernels for supported architectures (CUDA only; never its losses)."""
+    try:
+        from liger_kernel.transformers.monkey_patch import (
+            MODEL_TYPE_TO_APPLY_LIGER_FN,
+            _apply_liger_kernel_to_instance,
+        )
+    except ImportError:
+        logger.warning("liger_model_patches=True but liger-kernel is not installed; running the stock modules.")
+        return
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        logger.info("Liger-Kernel has no patches for model type %r; running the stock modules.", model_type)
+        return
+    _apply_liger_kernel_to_instance(
+        model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
+
+
+def _check_architecture(model: nn.Module, name: str) -> None:
+    """The step needs an LM head (its weight goes to the loss) and a forward with `logits_to_keep` (to skip it)."""
+    base = model.get_base_model() if _is_peft_model(model) else model
+    if not hasattr(base, "get_output_embeddings") or base.get_output_embeddings() is None:
+        raise TypeError(f"`{name}` ({type(base).__name__}) has no output embedding (LM head)")
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        raise TypeError(
+            f"`{name}` ({type(base).__name__}) has no `logits_to_keep` forward argument, so its LM head cannot be "
+            "skipped; use a causal-LM class from transformers >= 4.50"
+        )
+    if not hasattr(base, "get_decoder"):
+        raise TypeError(f"`{name}` ({type(base).__name__}) has no `get_decoder()` to read hidden states from")
+
+
+def _lm_head(model: nn.Module) -> nn.Module:
+    """The output embedding whose weight (and bias) go to the fused loss; refuses a sharded one."""
+    head = model.get_output_embeddings()
+    if hasattr(head.weight, "full_tensor"):  # a DTensor: FSDP2 / tensor parallelism left it sharded here
+        raise NotImplementedError(
+            "the LM head weight is sharded (a DTensor) outside the model's forward; the fused loss needs the full "
+            "[V, D] weight. Train with DDP (or keep the LM head unsharded)."
+        )
+    return head
+
+
+def _chosen_half(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The chosen sequences of a collated batch (the first B of 2B), in the same layout."""
+    cu = inputs["cu_seqlens"]
+    pairs = (cu.numel() - 1) // 2
+    if "position_ids" in inputs:  # packed: the chosen sequences are the first cu[B] tokens
+        end = int(cu[pairs])
+        chosen = {k: inputs[k][:, :end] for k in ("input_ids", "position_ids", "labels")}
+    else:
+        chosen = {k: inputs[k][:pairs] for k in ("input_ids", "attention_mask", "labels")}
+    chosen["cu_seqlens"] = cu[: pairs + 1]
+    return chosen
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def model_fingerprint(model: nn.Module, frozen_only: bool = False) -> str:
+    """A hash identifying a model's weights: config, parameter names, shapes, dtypes and up to 4096 evenly spaced
+    values of every parameter (enough to tell checkpoints apart without hashing gigabytes). `frozen_only` hashes
+    only parameters that do not require grad (a PEFT model's base weights, not its freshly initialised adapter)."""
+    hasher = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        hasher.update(config.to_json_string(use_diff=False).encode())
+    for name, param in model.named_parameters():
+        if frozen_only and param.requires_grad:
+            continue
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)]
+        hasher.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+        hasher.update(sample.float().cpu().numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def dataset_fingerprint(dataset: datasets.Dataset) -> str:
+    """A hash of the token ids of a tokenised preference dataset (row order included)."""
+    hasher = hashlib.sha256()
+    table = dataset.select_columns([PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS]).flatten_indices().data.table
+    for name in (PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS):
+        column = table.column(name).combine_chunks()
+        hasher.update(name.encode())
+        hasher.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+        hasher.update(pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+    return hasher.hexdigest()
+
+
+def _tokenize(dataset: datasets.Dataset, name: str, tokenizer, args: TISDPOConfig) -> datasets.Dataset:
+    return prepare_preference_dataset(
+        dataset,
+        tokenizer,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        max_completion_length=args.max_completion_length,
+        truncation_mode=args.truncation_mode,
+        reverse_preferences=args.reverse_preferences,
+        num_proc=args.dataset_num_proc,
+        name=name,
+    )
+
+
+def _map_datasets(dataset, name: str, func):
+    """Apply `func(dataset, name)` to a dataset, to each value of a dict of datasets (`eval[key]`), or pass None."""
+    if dataset is None:
+        return None
+    if isinstance(dataset, dict):
+        return {key: func(ds, f"{name}[{key}]") for key, ds in dataset.items()}
+    return func(dataset, name)
+
+
+class TISDPOTrainer(Trainer):
+    """Preference optimisation (TIS-DPO, DPO, IPO, hinge, TDPO) and SFT with the fused, logits-free loss.
+
+    Args:
+        model: a `PreTrainedModel` with an output embedding (LM head), or a hub name / local path loaded with
+            `args.model_init_kwargs` (bfloat16 on a CUDA device with bf16 support unless a dtype is given).
+        ref_model: the frozen reference model (or its name/path); default: a frozen copy of `model`, or the PEFT
+            base model with the adapter disabled. Unused with `loss_type="sft"`.
+        args: `TISDPOConfig`.
+        train_dataset / eval_dataset: `datasets.Dataset` in a TRL preference format (see `tisdpo.data`),
+            optionally with `chosen_weights` / `rejected_weights` columns, or already tokenised.
+        processing_class: the tokenizer; default `AutoTokenizer.from_pretrained(model's name_or_path)`.
+        peft_config: a `peft.PeftConfig` to wrap `model` with (needs `peft`).
+        callbacks: extra `TrainerCallback`s.
+    """
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        ref_model: str | PreTrainedModel | None = None,
+        args: TISDPOConfig | None = None,
+        train_dataset: datasets.Dataset | None = None,
+        eval_dataset: datasets.Dataset | None = None,
+        processing_class=None,
+        peft_config=None,
+        callbacks=None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = TISDPOConfig(output_dir=f"{os.path.basename(str(name).rstrip('/')) or 'model'}-TISDPO")
+        elif not isinstance(args, TISDPOConfig):
+            if isinstance(args, TrainingArguments):
+                raise TypeError("`args` must be a TISDPOConfig (a TrainingArguments subclass), got TrainingArguments")
+            raise TypeError(f"`args` must be a TISDPOConfig, got {type(args).__name__}")
+
+        model_id = model if isinstance(model, str) else None
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model, **args.resolved_model_init_kwargs("model"))
+        elif not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a model name/path or a PreTrainedModel, got {type(model).__name__}")
+        elif args.model_init_kwargs:
+            logger.warning("`model_init_kwargs` is ignored: `model` is already instantiated.")
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model_id or model.config._name_or_path)
+        if getattr(processing_class, "pad_token_id", None) is None:
+            if processing_class.eos_token_id is None:
+                raise ValueError("`processing_class` has neither a pad nor an EOS token to pad with")
+            processing_class.pad_token = processing_class.eos_token
+
+        if peft_config is not None:
+            try:
+                from peft import get_peft_model
+            except ImportError as err:
+                raise ImportError("`peft_config` needs the `peft` package (pip install peft)") from err
+            model = get_peft_model(model, peft_config)
+        _check_architecture(model, "model")
+
+        needs_ref = args.loss_type != "sft"
+        if isinstance(ref_model, str):
+            ref_model = AutoModelForCausalLM.from_pretrained(ref_model, **args.resolved_model_init_kwargs("ref_model"))
+        if not needs_ref and ref_model is not None:
+            raise ValueError("loss_type='sft' uses no reference model; do not pass `ref_model`")
+        if needs_ref and ref_model is None and not _is_peft_model(model) and not args.precompute_ref_log_probs:
+            ref_model = copy.deepcopy(model)  # precomputing uses the (initial) policy itself
+        if ref_model is not None:
+            _check_architecture(ref_model, "ref_model")
+            ref_model.requires_grad_(False).eval()
+            if ref_model.get_output_embeddings().weight.shape[0] != model.get_output_embeddings().weight.shape[0]:
+                raise ValueError("`ref_model` and `model` have LM heads of different vocabulary sizes")
+
+        for m in (model, ref_model):
+            if m is None:
+                continue
+            if args.disable_dropout:
+                _disable_dropout(m)
+            if args.liger_model_patches and torch.cuda.is_available() and not args.use_cpu:
+                _apply_liger_patches(m)
+
+        attn = _attn_implementation(model)
+        if args.padding_free and not _packing_supported(attn):
+            raise ValueError(
+                f"padding_free=True needs an attention implementation that handles packed position_ids exactly "
+                f"({PACKING_ATTENTION}); the model uses {attn!r}"
+            )
+        self.padding_free = args.padding_free if args.padding_free is not None else attn in EFFICIENT_PACKING_ATTENTION
+
+        def tokenize(dataset, name):
+            return _tokenize(dataset, name, processing_class, args)
+
+        with PartialState().main_process_first():
+            train_dataset = _map_datasets(train_dataset, "train", tokenize)
+            eval_dataset = _map_datasets(eval_dataset, "eval", tokenize)
+
+        collator = PreferenceCollator(pad_token_id=processing_class.pad_token_id, padding_free=self.padding_free)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+        )
+        # the loss is a mean over pairs; the Trainer must not rescale it by a token count
+        self.model_accepts_loss_kwargs = False
+        self.ref_model = None
+        if ref_model is not None and not args.precompute_ref_log_probs:
+            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+        self._metrics: dict[str, defaultdict[str, list[float]]] = {m: defaultdict(list) for m in ("train", "eval")}
+        self._tokens_since_log = 0.0
+        self._last_log_time = time.perf_counter()
+        self._announced_objective = False
+        if args.precompute_ref_log_probs and needs_ref:
+            source = ref_model.to(self.accelerator.device) if ref_model is not None else model
+
+            def add_ref(ds, name):
+                return self._with_ref_logps(ds, source, name)
+
+            self.train_dataset = _map_datasets(self.train_dataset, "train", add_ref)
+            self.eval_dataset = _map_datasets(self.eval_dataset, "eval", add_ref)
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, with the `tokens_per_second` clock started here rather than at construction."""
+        self._tokens_since_log, self._last_log_time = 0.0, time.perf_counter()
+        return super().train(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # columns
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # the collator reads the tokenised columns, not the model's forward arguments
+        if self._signature_columns is None:
+            self._signature_columns = list(TOKENIZED_COLUMNS)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # forward passes
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _hidden_states(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Last hidden states `[rows, T, D]` of `model` (possibly wrapped), with the LM head applied to no position."""
+        decoder = self.accelerator.unwrap_model(model).get_decoder()
+        captured: list[torch.Tensor] = []
+
+        def keep(_module, _args, output):
+            captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+        kwargs = {"input_ids": inputs["input_ids"]}
+        if "attention_mask" in inputs:
+            kwargs["attention_mask"] = inputs["attention_mask"]
+        if "position_ids" in inputs:
+            kwargs["position_ids"] = inputs["position_ids"]
+        no_positions = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+        handle = decoder.register_forward_hook(keep)
+        try:
+            model(**kwargs, use_cache=False, logits_to_keep=no_positions)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(f"expected one decoder forward per model call, saw {len(captured)}")
+        return captured[0]
+
+    def _ref_hidden_states(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, nn.Module]:
+        """Reference hidden states and the reference LM head, without grad."""
+        with torch.no_grad():
+            if self.ref_model is not None:
+                head = _lm_head(self.accelerator.unwrap_model(self.ref_model))
+                return self._hidden_states(self.ref_model, inputs), head
+            policy = self.accelerator.unwrap_model(self.model)
+            if not _is_peft_model(policy):
+                raise ValueError(
+                    "this batch has no reference log-probs and the trainer has no reference model (data prepared "
+                    "without precompute_ref_log_probs?)"
+                )
+            with policy.disable_adapter():
+                return self._hidden_states(policy, inputs), _lm_head(policy)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # loss
+    # ------------------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Scalar loss of one micro-batch (mean over its pairs); stores the metrics for `log`."""
+        mode = "train" if model.training else "eval"
+        if self.args.loss_type == "sft":
+            inputs = _chosen_half(inputs)
+            loss, metrics = self._sft_loss(model, inputs)
+        else:
+            loss, metrics = self._preference_loss(model, inputs)
+        tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
+        self._store_metrics(metrics, mode, tokens)
+        return (loss, metrics) if return_outputs else loss
+
+    def _preference_loss(self, model, inputs):
+        args = self.args
+        if not self._announced_objective:
+            weighted = "token_weights" in inputs
+            logger.info(
+                "Training objective: %s (loss_type=%s, kl=%s)%s.",
+                "TIS-DPO with per-token weights" if weighted else "DPO (no chosen_weights/rejected_weights columns)",
+                args.loss_type, args.kl, f", weight_transform={args.weight_transform}" if weighted else "",
+            )
+            self._announced_objective = True
+        hidden = self._hidden_states(model, inputs)
+        head = _lm_head(self.accelerator.unwrap_model(model))
+        dim = hidden.shape[-1]
+        tensors: dict[str, Any] = {}
+        if "ref_logps" in inputs:
+            tensors["ref_logps"] = inputs["ref_logps"].reshape(-1)
+        else:
+            ref_hidden, ref_head = self._ref_hidden_states(inputs)
+            tensors.update(ref_hidden=ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight=ref_head.weight,
+                           ref_bias=ref_head.bias)
+        if "token_weights" in inputs:
+            # the transform runs in the loss's compute precision (float64 for float64 models, float32 otherwise)
+            compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+            raw = inputs["token_weights"].reshape(-1).to(compute_dtype)
+            tensors["token_weights"] = apply_weight_transform(
+                raw, args.weight_transform, **(args.weight_transform_kwargs or {})
+            )
+        return fused_tis_dpo_loss(
+            hidden.reshape(-1, dim),
+            head.weight,
+            inputs["labels"].reshape(-1),
+            bias=head.bias,
+            cu_seqlens=inputs["cu_seqlens"],
+            beta=args.beta,
+            alpha=args.alpha,
+            kl=args.kl,
+            loss_type=args.loss_type,
+            label_smoothing=args.label_smoothing,
+            ignore_index=IGNORE_INDEX,
+            backend=args.loss_backend,
+            chunk_size=args.loss_chunk_size,
+            **tensors,
+        )
+
+    def _sft_loss(self, model, chosen):
+        """Summed negative log-likelihood of each chosen response, averaged over the responses."""
+        cu = chosen["cu_seqlens"]
+        pairs = cu.numel() - 1
+        hidden = self._hidden_states(model, chosen)
+        head = _lm_head(self.accelerator.unwrap_model(model))
+        labels = chosen["labels"].reshape(-1)
+        logps = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, bias=head.bias,
+                                      ignore_index=IGNORE_INDEX, backend=self.args.loss_backend,
+                                      chunk_size=self.args.loss_chunk_size)
+        lengths = (cu[1:] - cu[:-1]).to(device=logps.device, dtype=torch.long)
+        seq_ids = torch.arange(pairs, device=logps.device).repeat_interleave(lengths)
+        sums = torch.zeros(pairs, dtype=logps.dtype, device=logps.device).index_add(0, seq_ids, logps)
+        loss = -sums.mean()
+        return loss, {"logps/chosen": sums.detach().mean(), "nll/chosen_per_token":
+                      (-sums.detach().sum() / (labels != IGNORE_INDEX).sum())}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # evaluation and logging
+    # ------------------------------------------------------------------------------------------------------------
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """As `Trainer.get_eval_dataloader`; an untokenised `eval_dataset` passed to `evaluate` is tokenised first."""
+        if isinstance(eval_dataset, datasets.Dataset) and PROMPT_IDS not in eval_dataset.column_names:
+            if self.args.precompute_ref_log_probs and self.args.loss_type != "sft":
+                raise ValueError(
+                    "with precompute_ref_log_probs=True, pass evaluation data to TISDPOTrainer(eval_dataset=...): its "
+                    "reference log-probs are computed at construction, before the policy changes"
+                )
+            with self.accelerator.main_process_first():
+                eval_dataset = _tokenize(eval_dataset, "eval", self.processing_class, self.args)
+        return super().get_eval_dataloader(eval_dataset)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Loss of an evaluation batch (metrics are stored for `log`); no logits are produced."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def _store_metrics(self, metrics: dict[str, torch.Tensor], mode: str, tokens) -> None:
+        names = sorted(metrics)
+        device = self.accelerator.device
+        values = torch.stack([metrics[n].detach().float().to(device) for n in names])
+        count = torch.as_tensor(tokens, dtype=torch.float32, device=device).reshape(1)
+        gathered = self.accelerator.gather(torch.cat([values, count]).unsqueeze(0))  # [processes, names + 1]
+        means = gathered[:, :-1].mean(0).tolist()
+        for name, value in zip(names, means, strict=True):
+            self._metrics[mode][name].append(value)
+        if mode == "train":
+            self._tokens_since_log += float(gathered[:, -1].sum())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the averaged step metrics (TRL's names; `eval_` prefixed in evaluation), `tokens_per_second` and,
+        on CUDA, `memory/max_allocated_gb`."""
+        mode = "train" if "loss" in logs else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, values in self._metrics[mode].items():
+            if values:
+                logs[f"{prefix}{name}"] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        if mode == "train":
+            now = time.perf_counter()
+            if self._tokens_since_log:
+                logs["tokens_per_second"] = self._tokens_since_log / max(now - self._last_log_time, 1e-9)
+            self._tokens_since_log, self._last_log_time = 0.0, now
+            if torch.cuda.is_available() and self.accelerator.device.type == "cuda":
+                logs["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # precomputed reference log-probs
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _ref_cache_path(self, dataset: datasets.Dataset, source: nn.Module) -> str:
+        root = self.args.ref_logps_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "tisdpo", "ref_logps")
+        # a PEFT policy serves as reference with its adapter disabled: only its frozen base weights matter
+        adapter_off = _is_peft_model(source)
+        key = hashlib.sha256(
+            f"{_REF_CACHE_VERSION}|{dataset_fingerprint(dataset)}|{model_fingerprint(source, adapter_off)}|"
+            f"adapter_disabled={adapter_off}".encode()
+        ).hexdigest()[:32]
+        return os.path.join(root, f"{key}.npz")
+
+    def _with_ref_logps(self, dataset: datasets.Dataset, source: nn.Module, name: str) -> datasets.Dataset:
+        """`dataset` with per-token reference log-prob columns, from the disk cache or computed (main process
+        first; the others then read the cache)."""
+        with self.accelerator.main_process_first():
+            path = self._ref_cache_path(dataset, source)
+            if os.path.exists(path):
+                logger.info("Reusing cached reference log-probs for the %s set: %s", name, path)
+                with np.load(path) as cached:
+                    arrays = {k: cached[k] for k in cached.files}
+            else:
+                arrays = self._compute_ref_logps(dataset, source, name)
+                if self.accelerator.is_main_process:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    tmp = f"{path}.{os.getpid()}.tmp.npz"
+                    np.savez(tmp, **arrays)
+                    os.replace(tmp, path)
+                    logger.info("Cached reference log-probs for the %s set: %s", name, path)
+        for column in (REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS):
+            values, lengths = arrays[f"{column}.values"], arrays[f"{column}.lengths"]
+            if len(lengths) != len(dataset):
+                raise ValueError(f"reference cache {path} has {len(lengths)} rows, the {name} set {len(dataset)}")
+            rows = np.split(values, np.cumsum(lengths)[:-1])
+            if column in dataset.column_names:
+                dataset = dataset.remove_columns(column)
+            dataset = dataset.add_column(column, [r.tolist() for r in rows])
+        return dataset
+
+    @torch.no_grad()
+    def _compute_ref_logps(self, dataset: datasets.Dataset, source: nn.Module, name: str) -> dict[str, np.ndarray]:
+        """Per-token reference log-probs of every chosen and rejected response: flat values + lengths per row."""
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+        columns = [c for c in (PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS) if c in dataset.column_names]
+        loader = torch.utils.data.DataLoader(
+            dataset.select_columns(columns), batch_size=batch_size, shuffle=False, collate_fn=self.data_collator
+        )
+        device = self.accelerator.device
+        was_training = source.training
+        source.eval()
+        adapter_off = source.disable_adapter() if _is_peft_model(source) else contextlib.nullcontext()
+        out: dict[str, list] = {c: [] for c in (REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS)}
+        try:
+            with adapter_off:
+                for batch in loader:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    hidden = self._hidden_states(source, batch)
+                    head = _lm_head(source)
+                    labels = batch["labels"].reshape(-1)
+                    logps = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels,
+                                                  bias=head.bias, ignore_index=IGNORE_INDEX,
+                                                  backend=self.args.loss_backend, chunk_size=self.args.loss_chunk_size)
+                    cu = batch["cu_seqlens"].tolist()
+                    pairs = (len(cu) - 1) // 2
+                    for s in range(2 * pairs):
+                        seq_labels, seq_logps = labels[cu[s] : cu[s + 1]], logps[cu[s] : cu[s + 1]]
+                        values = seq_logps[seq_labels != IGNORE_INDEX].float().cpu().numpy()
+                        out[REF_CHOSEN_LOGPS if s < pairs else REF_REJECTED_LOGPS].append(values)
+        finally:
+            source.train(was_training)
+        logger.info("Computed reference log-probs for %d %s pairs.", len(dataset), name)
+        arrays = {}
+        for column, rows in out.items():
+            arrays[f"{column}.values"] = np.concatenate(rows).astype(np.float32)
+            arrays[f"{column}.lengths"] = np.array([len(r) for r in rows], dtype=np.int64)
+        return arrays
+
+
+__all__ = ["TISDPOTrainer", "dataset_fingerprint", "model_fingerprint"]

@@ -1,0 +1,10 @@
+"""Triton kernels of the fused TIS-DPO loss, one kernel family per module.
+
+- ``linear_logprobs``: LM head + log-softmax + label gather, forward and backward (``triton_linear_logprobs``).
+- ``linear_kl``: policy and reference heads side by side, per-token KL (``triton_linear_kl``).
+- ``pair_loss``: per-sequence sums with the token-weight transform fused in (``triton_sequence_sums``).
+- ``_config``: tile shapes per (V, D) bucket.
+
+Importing a module compiles nothing; kernels are built on first launch. On CPU tensors they need
+``TRITON_INTERPRET=1`` set before this package is imported.
+"""

@@ -1,0 +1,86 @@
+"""Block sizes and launch options of the linear-head kernels (``linear_logprobs.py``, ``linear_kl.py``).
+
+All tile shapes live here, keyed by the hidden size ``D`` bucket and whether the kernels run compiled
+(CUDA) or under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors). The GPU entries are
+starting points chosen for Hopper-class GPUs (bf16 ``tl.dot`` tiles of at least 16 in every
+dimension, fp32 accumulators within the register budget); they have not been autotuned yet. The
+interpreter entries favour few, large tiles because every tile operation costs Python time there.
+
+Tested through ``tests/kernels/test_linear_logprobs.py`` and ``tests/kernels/test_linear_kl.py``
+(which also pass explicit small configs to force several row, vocabulary and hidden-size tiles).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One kernel launch shape: rows x vocabulary tile, hidden-size chunk, warps and pipeline stages."""
+
+    block_n: int
+    block_v: int
+    block_d: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_n", "block_v", "block_d"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"TileConfig.{name} must be a power of two >= 16 (tl.dot needs it), got {value}")
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Tile configs of the forward and backward kernels plus how far to split the work.
+
+    ``fwd_splits``: vocabulary splits of the forward (each a separate program writing a partial
+    log-sum-exp; ``None`` picks enough to fill the device). ``bwd_splits``: vocabulary splits of the
+    backward's row-major pass (``None``: one tile per program, the most parallel launch).
+    """
+
+    fwd: TileConfig
+    bwd: TileConfig
+    fwd_splits: int | None = None
+    bwd_splits: int | None = None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Interpreter: one large tile per op keeps the Python overhead down; shapes in tests are small.
+_INTERPRETER = LinearConfig(fwd=TileConfig(32, 128, 64), bwd=TileConfig(32, 128, 64), fwd_splits=1, bwd_splits=1)
+
+# GPU, keyed by the hidden-size bucket (upper bound of D, inclusive).
+_GPU_BY_D = (
+    (1024, LinearConfig(fwd=TileConfig(64, 128, 64, num_warps=4, num_stages=3),
+                        bwd=TileConfig(64, 128, 64, num_warps=4, num_stages=2))),
+    (None, LinearConfig(fwd=TileConfig(128, 128, 64, num_warps=8, num_stages=3),
+                        bwd=TileConfig(64, 128, 64, num_warps=8, num_stages=2))),
+)
+
+
+# Small vocabularies (toy and test models) get narrower vocabulary tiles so that a launch still
+# has several programs along V.
+_SMALL_VOCAB = 4096
+
+
+def linear_config(vocab: int, dim: int) -> LinearConfig:
+    """The checked-in config for a ``[V, D]`` head, bucketed by ``D`` and by small/large ``V``."""
+    if interpreting():
+        return _INTERPRETER
+    cfg = next(c for bound, c in _GPU_BY_D if bound is None or dim <= bound)
+    if vocab <= _SMALL_VOCAB:
+        cfg = LinearConfig(fwd=replace(cfg.fwd, block_v=64), bwd=replace(cfg.bwd, block_v=64),
+                           fwd_splits=cfg.fwd_splits, bwd_splits=cfg.bwd_splits)
+    return cfg
+
+
+# A launch aims for this many programs per streaming multiprocessor before the forward splits the
+# vocabulary across programs (each split writes a partial log-sum-exp, merged on the host side).
+TARGET_WAVES = 4
