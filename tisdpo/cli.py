@@ -12,6 +12,7 @@ does not exist is skipped; the help lists what was found.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import logging
@@ -53,6 +54,24 @@ class TrainArguments:
     )
 
 
+def apply_yaml_defaults(parser: argparse.ArgumentParser, config_path: str, known: set[str]) -> None:
+    """Make the ``config_path`` YAML mapping (keys in ``known``; ``batch-size`` reads as ``batch_size``) the
+    defaults of ``parser``, so that flags on the command line override it; options the file gives are no
+    longer required on the command line. Unknown keys or a non-mapping file are a parser error."""
+    with open(config_path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        parser.error(f"{config_path} must hold a mapping of option names to values")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        parser.error(f"{config_path}: unknown fields {unknown}")
+    parser.set_defaults(**values)
+    for action in parser._actions:
+        if action.dest in values:
+            action.required = False
+
+
 def parse_train_args(argv: list[str]) -> tuple[TrainArguments, TISDPOConfig]:
     parser = HfArgumentParser((TrainArguments, TISDPOConfig), prog="tisdpo train")
     parser.add_argument("--config", default=None, help="YAML file with TrainArguments / TISDPOConfig fields.")
@@ -63,20 +82,8 @@ def parse_train_args(argv: list[str]) -> tuple[TrainArguments, TISDPOConfig]:
             parser.error("--config needs a file name")
         config_path, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
     if config_path is not None:
-        with open(config_path) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            parser.error(f"{config_path} must hold a mapping of field names to values")
         known = {f.name for dc in (TrainArguments, TISDPOConfig) for f in fields(dc) if f.init}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            parser.error(f"{config_path}: unknown fields {unknown}")
-        # YAML values become argparse defaults, so flags on the command line take precedence; required fields
-        # given in the file are no longer required on the command line
-        parser.set_defaults(**values)
-        for action in parser._actions:
-            if action.dest in values:
-                action.required = False
+        apply_yaml_defaults(parser, config_path, known)
     # the trailing namespace holds only --config, already consumed above
     train_args, config, _ = parser.parse_args_into_dataclasses(args=argv)
     return train_args, config

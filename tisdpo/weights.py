@@ -48,7 +48,6 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from tisdpo_kernels import fused_linear_logprobs
@@ -531,19 +530,9 @@ def _parse_with_yaml(parser: argparse.ArgumentParser, argv: Sequence[str] | None
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
     if known.config is not None:
-        with open(known.config) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            parser.error(f"{known.config} must hold a mapping of option names to values")
-        values = {k.replace("-", "_"): v for k, v in values.items()}
-        dests = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - dests)
-        if unknown:
-            parser.error(f"{known.config}: unknown options {unknown}")
-        parser.set_defaults(**values)
-        for action in parser._actions:
-            if action.dest in values:
-                action.required = False
+        from .cli import apply_yaml_defaults
+
+        apply_yaml_defaults(parser, known.config, {a.dest for a in parser._actions})
     return parser.parse_args(rest)
 
 

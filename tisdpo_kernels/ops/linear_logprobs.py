@@ -21,7 +21,7 @@ that hold no label (Cut Cross-Entropy's gradient filtering; an approximation, of
 
 Tested in ``tests/kernels/test_linear_logprobs.py`` (CPU, ``TRITON_INTERPRET=1``, fp32/fp16/bf16
 against ``reference.reference_linear_logprobs``; bf16 math and large shapes in its ``gpu``-marked tests,
-not yet run on a GPU). All kernel variants compile ahead of time for sm_90 with Triton 3.9.
+not yet run on a GPU). Every kernel variant compiles for sm_90 without a GPU (``tests/kernels/test_gpu_compile.py``).
 """
 
 from __future__ import annotations
