@@ -12,12 +12,12 @@ tensors under ``TRITON_INTERPRET=1``), ``"auto"`` (Triton for CUDA tensors, torc
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
 from . import chunked
+from .ops._config import interpreting
 from .reference import (
     KL_MODES,
     LOSS_TYPES,
@@ -45,7 +45,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "triton":
         if not _triton_available():
             raise ValueError("backend='triton' needs the `triton` package, which is not importable here")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type != "cuda" and not interpreting():
             raise ValueError(
                 "backend='triton' on non-CUDA tensors needs TRITON_INTERPRET=1 set before triton is imported; "
                 "use backend='torch' (or 'auto') on CPU"
@@ -103,11 +103,11 @@ def _sequence_sums(backend, logps, lpref, weights, contrastive, weight_transform
     """Per-sequence sums of the response rows: Triton's segment-sum kernels (the weight transform
     evaluated in the kernel) or ``reference.sequence_sums`` on the torch path."""
     if backend == "triton":
-        from .ops.pair_loss import triton_sequence_sums
+        from .ops.pair_loss import sequence_sums_unchecked
 
-        return triton_sequence_sums(logps, lpref, weights, rows.seq_ids, rows.num_seqs, token_kl=token_kl, kl=kl,
-                                    contrastive_logps=contrastive, weight_transform=weight_transform,
-                                    transform_kwargs=transform_kwargs)
+        return sequence_sums_unchecked(logps, lpref, weights, rows.seq_ids, rows.num_seqs, token_kl=token_kl, kl=kl,
+                                       contrastive_logps=contrastive, weight_transform=weight_transform,
+                                       transform_kwargs=transform_kwargs)
     if contrastive is not None:
         weights = token_weights_from_contrastive(*contrastive, rows.seq_ids < rows.num_seqs // 2, weight_transform,
                                                  transform_kwargs)

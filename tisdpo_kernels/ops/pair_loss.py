@@ -308,6 +308,16 @@ def triton_sequence_sums(policy_logps, ref_logps, weights, seq_ids, num_seqs, *,
                          f"{tuple(getattr(seq_ids, 'shape', ()))}")
     if n and bool((seq_ids[0] < 0) | (seq_ids[-1] >= num_seqs) | (seq_ids[1:] < seq_ids[:-1]).any()):
         raise ValueError(f"seq_ids must be sorted and lie in [0, {num_seqs})")
+    return sequence_sums_unchecked(policy_logps, ref_logps, weights, seq_ids, num_seqs, token_kl=token_kl, kl=kl,
+                                   contrastive_logps=contrastive_logps, weight_transform=weight_transform,
+                                   transform_kwargs=transform_kwargs)
+
+
+def sequence_sums_unchecked(policy_logps, ref_logps, weights, seq_ids, num_seqs, *, token_kl=None, kl=None,
+                            contrastive_logps=None, weight_transform="origin", transform_kwargs=None) -> SequenceSums:
+    """``triton_sequence_sums`` without its input checks, for callers that validated the inputs and built
+    ``seq_ids`` themselves (``loss.fused_tis_dpo_loss``): no extra host-device synchronisation."""
+    pos, neg = contrastive_logps if contrastive_logps is not None else (None, None)
     transform = weight_transform if contrastive_logps is not None else "origin"
     transform_args = _transform_args(transform, transform_kwargs)  # validates the name and kwargs
     params = PairSumsParams(num_seqs=num_seqs, kl=kl if token_kl is not None else None,
