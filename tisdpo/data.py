@@ -419,3 +419,13 @@ class PreferenceCollator:
             batch[key] = padded(key, 0.0, torch.float32)
         batch["cu_seqlens"] = torch.arange(len(rows) + 1, dtype=torch.int32) * width
         return batch
+
+
+def split_responses(values: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
+    """A per-token tensor of a collated batch (padded or packed) -> one CPU float32 tensor per sequence holding
+    the values at its response positions (labels != ``IGNORE_INDEX``), in order. ``cu_seqlens`` ``[2B+1]``: the
+    sequence bounds in the flattened batch (``PreferenceCollator``'s). One device-to-host copy per batch."""
+    flat = values.detach().reshape(-1).to("cpu", torch.float32)
+    keep = (labels.reshape(-1) != IGNORE_INDEX).cpu()
+    bounds = cu_seqlens.tolist()
+    return [flat[a:b][keep[a:b]] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

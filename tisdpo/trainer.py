@@ -46,6 +46,7 @@ from .data import (
     TOKENIZED_COLUMNS,
     PreferenceCollator,
     prepare_preference_dataset,
+    split_responses,
 )
 
 logger = logging.getLogger(__name__)
@@ -564,12 +565,10 @@ class TISDPOTrainer(Trainer):
                     logps = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels,
                                                   bias=head.bias, ignore_index=IGNORE_INDEX,
                                                   backend=self.args.loss_backend, chunk_size=self.args.loss_chunk_size)
-                    cu = batch["cu_seqlens"].tolist()
-                    pairs = (len(cu) - 1) // 2
-                    for s in range(2 * pairs):
-                        seq_labels, seq_logps = labels[cu[s] : cu[s + 1]], logps[cu[s] : cu[s + 1]]
-                        values = seq_logps[seq_labels != IGNORE_INDEX].float().cpu().numpy()
-                        out[REF_CHOSEN_LOGPS if s < pairs else REF_REJECTED_LOGPS].append(values)
+                    sequences = split_responses(logps, labels, batch["cu_seqlens"])
+                    pairs = len(sequences) // 2
+                    for s, values in enumerate(sequences):
+                        out[REF_CHOSEN_LOGPS if s < pairs else REF_REJECTED_LOGPS].append(values.numpy())
         finally:
             source.train(was_training)
         logger.info("Computed reference log-probs for %d %s pairs.", len(dataset), name)

@@ -54,7 +54,7 @@ from tisdpo_kernels import fused_linear_logprobs
 from tisdpo_kernels.reference import ELEMENTWISE_TRANSFORMS, apply_weight_transform
 from tisdpo_kernels.reference import transform_params as _elementwise_params
 
-from .data import IGNORE_INDEX, PreferenceCollator, extract_prompt, is_conversational, tokenize_row
+from .data import PreferenceCollator, extract_prompt, is_conversational, split_responses, tokenize_row
 from .trainer import EFFICIENT_PACKING_ATTENTION, model_fingerprint
 
 PER_RESPONSE_TRANSFORMS = ("rank_based", "binary", "random")
@@ -311,15 +311,6 @@ def token_logps(model, batch: dict, backend: str = "auto") -> torch.Tensor:
                                  backend=backend)
 
 
-def _split_responses(values: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor) -> list[list[float]]:
-    """A per-token tensor of a collated batch (padded or packed) -> one list per sequence holding the values
-    at its response positions, in order. ``cu_seqlens`` ``[2B+1]``: sequence bounds in the flattened batch."""
-    flat = values.detach().reshape(-1).to("cpu", torch.float32)
-    keep = (labels.reshape(-1) != IGNORE_INDEX).cpu()
-    bounds = cu_seqlens.tolist()
-    return [flat[a:b][keep[a:b]].tolist() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
 def _packs_efficiently(model) -> bool:
     attn = str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager")
     return attn in EFFICIENT_PACKING_ATTENTION or "flash" in attn
@@ -344,7 +335,8 @@ class _Estimator:
 
     def _logps(self, model, rows: list[dict]) -> list[list[float]]:
         batch = {k: v.to(self.device) for k, v in self.collate(rows).items()}
-        return _split_responses(token_logps(model, batch, self.backend), batch["labels"], batch["cu_seqlens"])
+        values = split_responses(token_logps(model, batch, self.backend), batch["labels"], batch["cu_seqlens"])
+        return [v.tolist() for v in values]
 
     @torch.no_grad()
     def columns(self, examples: list[dict]) -> tuple[list[list[float]], list[list[float]]]:
