@@ -9,18 +9,32 @@ follow TRL's `DPOConfig` names wherever the meaning is the same (`beta`, `loss_t
 `weight_transform_kwargs`, `reverse_preferences`, `ref_logps_cache_dir`, `loss_backend`, `loss_chunk_size`,
 `liger_model_patches`).
 
-Two defaults differ from `TrainingArguments` on purpose:
+Defaults that differ from `TrainingArguments` are TRL `DPOConfig`'s, so that a script written for TRL's
+`DPOTrainer` trains the same way after switching the import: `learning_rate=1e-6`, `logging_steps=10`,
+`truncation_mode="keep_start"`, `max_length=1024`, no prompt-length limit (`max_prompt_length=None`), and activation
+(gradient) checkpointing on unless `activation_checkpointing` or TRL's name `gradient_checkpointing` is set (either
+name is accepted; the one the installed transformers wants is passed on, without its deprecation warning).
+Where we keep our own choice, because it is the better one, the trainer logs it once (see
+`TISDPOTrainer`'s docstring):
 
-* activation (gradient) checkpointing is on unless `activation_checkpointing` or its deprecated alias
-  `gradient_checkpointing` is set explicitly;
 * a model given by name or path is loaded in bfloat16 on a CUDA device that supports it (float32 elsewhere),
   not in float32 everywhere (TRL's default, a common cause of out-of-memory errors). Pass
-  `model_init_kwargs={"dtype": ...}` to choose.
+  `model_init_kwargs={"dtype": ...}` to choose;
+* `bf16=None` (the default) turns bfloat16 mixed precision on where TRL does (a CUDA device, unless `fp16` is
+  set) only if the device supports bfloat16, and off on CPU (TRL: on), where bfloat16 autocast is slower than
+  float32 on most processors and costs accuracy;
+* `tokenization="separate"`: prompt and responses are tokenised separately (see the field's help for why); `"joint"`
+  is TRL's convention.
+
+TRL fields we do not implement are rejected with a `ValueError` naming the field (`f_divergence_type` other than
+`"reverse_kl"`, `generate_during_eval=True`); TRL's deprecated `pad_token` is honoured with TRL's deprecation warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +48,7 @@ from tisdpo_kernels.reference import LOSS_TYPES as PAIR_LOSS_TYPES
 LOSS_TYPES = (*PAIR_LOSS_TYPES, "sft")
 KL_VARIANTS = tuple(mode for mode in KL_MODES if mode is not None)
 TRUNCATION_MODES = ("keep_end", "keep_start")
+TOKENIZATION_MODES = ("separate", "joint")
 # transformers 5.x renamed `gradient_checkpointing` to `activation_checkpointing` (the old name became an alias)
 _HAS_ACTIVATION_CHECKPOINTING = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
 
@@ -59,6 +74,24 @@ class TISDPOConfig(TrainingArguments):
         "ref_model_init_kwargs",
         "weight_transform_kwargs",
     ]
+
+    # --- TrainingArguments fields with TRL DPOConfig's defaults ---
+    learning_rate: float = field(
+        default=1e-6, metadata={"help": "Initial learning rate (TRL's DPO default; TrainingArguments has 5e-5)."}
+    )
+    logging_steps: float = field(
+        default=10,
+        metadata={"help": "Log every X update steps (an integer, or a ratio of the total steps if below 1)."},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bfloat16 mixed precision. None: on for a CUDA device with bfloat16 support unless `fp16` is set "
+            "(TRL's rule), off on CPU (TRL turns it on there too; bfloat16 autocast is slower on most CPUs).",
+            "nargs": "?",
+            "const": True,
+        },
+    )
 
     # --- model loading ---
     model_init_kwargs: dict[str, Any] | str | None = field(
@@ -131,13 +164,14 @@ class TISDPOConfig(TrainingArguments):
         default=1024, metadata={"help": "Maximum tokens of prompt + response per sequence (None: no limit)."}
     )
     max_prompt_length: int | None = field(
-        default=512, metadata={"help": "Maximum prompt tokens, cut according to `truncation_mode` (None: no limit)."}
+        default=None,
+        metadata={"help": "Maximum prompt tokens, cut according to `truncation_mode` (None, the default: no limit)."},
     )
     max_completion_length: int | None = field(
         default=None, metadata={"help": "Maximum tokens per response, cut at its end (None: no limit)."}
     )
     truncation_mode: str = field(
-        default="keep_end",
+        default="keep_start",
         metadata={
             "help": "How a sequence longer than `max_length` is cut. 'keep_end': the shared prompt loses tokens from "
             "its start (down to one token) before any response loses tokens from its end; `max_prompt_length` keeps "
@@ -192,21 +226,137 @@ class TISDPOConfig(TrainingArguments):
         default=None, metadata={"help": "Token rows per chunk of the 'torch' loss backend (None: its default)."}
     )
 
+    # --- TRL DPOConfig fields (trainer side) ---
+    tokenization: str = field(
+        default="separate",
+        metadata={
+            "help": "How the prompt/response boundary is tokenised. 'separate' (default): prompt and each response "
+            "are tokenised on their own, so the response tokens are those a model generates after the prompt's "
+            "tokens at inference (where the prompt is tokenised alone) and do not depend on the prompt (which the "
+            "system-prompt weight method P relies on). 'joint': TRL's convention, prompt + response tokenised "
+            "together and split after the prompt's tokens; a BPE merge across the boundary then yields a response "
+            "token that starts inside the prompt. Weight estimation (`tisdpo estimate-weights --tokenization`) must "
+            "use the same mode as training.",
+            "choices": list(TOKENIZATION_MODES),
+        },
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None,
+        metadata={"help": "Pad each batch's sequence length (padded layout) or total length (packed) to a multiple."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow models and tokenizers loaded by name to run code from their repository."},
+    )
+    activation_offloading: bool = field(
+        default=False,
+        metadata={
+            "help": "Move the activations the policy's forward saves for the backward off the compute device "
+            "(`tisdpo.offload`): to pinned host memory from an accelerator, to a spill file from CPU."
+        },
+    )
+    router_aux_loss_coef: float = field(
+        default=0.001,
+        metadata={
+            "help": "Weight of a Mixture-of-Experts model's load-balancing auxiliary loss added to the training loss "
+            "(TRL's default; no effect on models without a router; 0 disables it)."
+        },
+    )
+    sync_ref_model: bool = field(
+        default=False,
+        metadata={
+            "help": "TR-DPO: every `ref_model_sync_steps` steps set ref = alpha * policy + (1 - alpha) * ref "
+            "(needs a separate reference model: not with PEFT or precompute_ref_log_probs)."
+        },
+    )
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO's alpha, in [0, 1]."})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO's tau: steps between syncs."})
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata={"help": "Only 'reverse_kl' (standard DPO) is supported; other f-DPO divergences are rejected."},
+    )
+    f_alpha_divergence_coef: float = field(
+        default=0.5, metadata={"help": "Unused (f_divergence_type='alpha_divergence' is not supported)."}
+    )
+    pad_token: str | None = field(
+        default=None,
+        metadata={"help": "Deprecated (as in TRL): set `tokenizer.pad_token` and pass the tokenizer instead."},
+    )
+    generate_during_eval: bool = field(
+        default=False, metadata={"help": "Not supported (removed in TRL); True is rejected."}
+    )
+
     if not _HAS_ACTIVATION_CHECKPOINTING:  # transformers < 5.x: `gradient_checkpointing` is a plain bool
         gradient_checkpointing: bool = field(
             default=True, metadata={"help": "Recompute activations in the backward pass to save memory."}
         )
+        activation_checkpointing: bool | None = field(
+            default=None, metadata={"help": "The newer name of `gradient_checkpointing` (wins when set)."}
+        )
 
     def __post_init__(self):
-        unset = _HAS_ACTIVATION_CHECKPOINTING and self.activation_checkpointing is None
-        if unset and self.gradient_checkpointing is None:
-            self.activation_checkpointing = True
+        if _HAS_ACTIVATION_CHECKPOINTING:
+            # TRL scripts say `gradient_checkpointing*`: pass it on under the name this transformers wants, so that
+            # neither the old name nor our default triggers its deprecation warning
+            for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                             ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+                if getattr(self, new) is None and getattr(self, old) is not None:
+                    setattr(self, new, getattr(self, old))
+                setattr(self, old, None)
+            if self.activation_checkpointing is None:
+                self.activation_checkpointing = True
+        elif self.activation_checkpointing is not None:
+            self.gradient_checkpointing = self.activation_checkpointing
+        if self.bf16 is None:
+            on_cuda = not self.use_cpu and torch.cuda.is_available()
+            self.bf16 = on_cuda and torch.cuda.is_bf16_supported() and not self.fp16
+            self._bf16_off_on_cpu = not on_cuda and not self.fp16  # TRL would turn it on here
+        if self.pad_token is not None:
+            warnings.warn(
+                "`pad_token` is deprecated (TRL 1.1) and will be removed: set `tokenizer.pad_token` and pass the "
+                "tokenizer as `processing_class` instead.",
+                FutureWarning,
+                stacklevel=3,
+            )
         super().__post_init__()
         for name in ("model_init_kwargs", "ref_model_init_kwargs", "weight_transform_kwargs"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, dict):
                 raise TypeError(f"`{name}` must be a dict or a JSON object string, got {value!r}")
         self._validate()
+        self._validate_trl_fields()
+
+    def _validate_trl_fields(self) -> None:
+        """The TRL `DPOConfig` fields of the trainer side: supported values, or a message saying what to use."""
+        if self.tokenization not in TOKENIZATION_MODES:
+            raise ValueError(f"`tokenization` must be one of {TOKENIZATION_MODES}, got {self.tokenization!r}")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"`pad_to_multiple_of` must be None or >= 1, got {self.pad_to_multiple_of}")
+        if not (math.isfinite(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0):
+            raise ValueError(f"`router_aux_loss_coef` must be a finite number >= 0, got {self.router_aux_loss_coef}")
+        divergence = getattr(self.f_divergence_type, "value", self.f_divergence_type)  # TRL once used an Enum
+        if divergence != "reverse_kl":
+            raise ValueError(
+                f"`f_divergence_type={divergence!r}` is not supported: TISDPOTrainer implements the standard "
+                "reverse-KL DPO objective only; use f_divergence_type='reverse_kl' (the default)"
+            )
+        self.f_divergence_type = divergence
+        if self.generate_during_eval:
+            raise ValueError(
+                "`generate_during_eval=True` is not supported (TRL removed it too): the trainer never builds logits. "
+                "To log samples, add a `transformers.TrainerCallback` whose `on_evaluate` calls `model.generate` on a "
+                "few prompts."
+            )
+        if self.sync_ref_model:
+            if self.precompute_ref_log_probs:
+                raise ValueError(
+                    "`sync_ref_model=True` updates the reference model during training, so its log-probs cannot be "
+                    "precomputed: set `precompute_ref_log_probs=False`"
+                )
+        if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
+            raise ValueError(f"`ref_model_mixup_alpha` must lie in [0, 1], got {self.ref_model_mixup_alpha}")
+        if self.ref_model_sync_steps < 1:
+            raise ValueError(f"`ref_model_sync_steps` must be >= 1, got {self.ref_model_sync_steps}")
 
     def _validate(self) -> None:
         if self.loss_type not in LOSS_TYPES:

@@ -11,6 +11,15 @@ Accepted example formats (TRL's preference formats):
 Optional per-token columns `chosen_weights` / `rejected_weights` (one float per response token, as tokenised
 by `tokenize_row`) ride along; see `TISDPOConfig` for what they hold.
 
+Data already tokenised by TRL (`prompt_ids`, `chosen_ids`, `rejected_ids`) is used as it is (renamed to ours).
+A `datasets.IterableDataset` (streaming) is tokenised on the fly, weight columns included.
+
+Tokenisation at the prompt/response boundary (`tokenization`): `"separate"` (default) tokenises the prompt and each
+response on their own, `"joint"` (TRL's convention) tokenises prompt + response together and splits after the
+prompt's tokens. Special tokens are the tokenizer's own (as in TRL): the prompt gets what the tokenizer adds by
+itself (a Llama-style tokenizer's BOS; nothing for GPT-2 / Pythia-style tokenizers, so no BOS the model never sees
+at inference), each plain-text response gets the EOS token.
+
 The tokenised dataset has the columns `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids`
 (response tokens only) and, when present, the weight columns and the per-token reference log-prob columns
 `ref_chosen_token_logps` / `ref_rejected_token_logps` (added by the trainer's precompute step).
@@ -45,6 +54,10 @@ REF_REJECTED_LOGPS = "ref_rejected_token_logps"
 WEIGHT_COLUMNS = (CHOSEN_WEIGHTS, REJECTED_WEIGHTS)
 REF_COLUMNS = (REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS)
 TOKENIZED_COLUMNS = (PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS, *WEIGHT_COLUMNS, *REF_COLUMNS)
+TOKENIZATION_MODES = ("separate", "joint")
+# TRL DPOTrainer's tokenised columns -> ours (same contents: prompt tokens, response tokens with EOS)
+TRL_TOKENIZED_COLUMNS = {"prompt_ids": PROMPT_IDS, "chosen_ids": CHOSEN_IDS, "rejected_ids": REJECTED_IDS}
+_warned: set[str] = set()
 
 _SWAP = {
     "chosen": "rejected",
@@ -137,8 +150,29 @@ def apply_chat_template(example: dict[str, Any], tokenizer) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _encode(tokenizer, text: str, special_tokens: bool = False) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message)
+
+
+def _split_joint(tokenizer, prompt: str, response: str, special_tokens: bool) -> tuple[list[int], list[int]]:
+    """TRL's convention: tokenise `prompt` and `prompt + response`, the response is what follows the prompt's
+    tokens."""
+    prompt_ids = _encode(tokenizer, prompt, special_tokens)
+    full = _encode(tokenizer, prompt + response, special_tokens)
+    if full[: len(prompt_ids)] != prompt_ids:
+        _warn_once(
+            "joint-prefix",
+            "tokenization='joint': the tokens of a prompt are not a prefix of the tokens of prompt + response (a "
+            "merge across the boundary); the response is taken as the tokens after the prompt's token count, as TRL "
+            "does.",
+        )
+    return prompt_ids, full[len(prompt_ids):]
 
 
 def tokenize_row(
@@ -149,19 +183,26 @@ def tokenize_row(
     max_prompt_length: int | None = None,
     max_completion_length: int | None = None,
     truncation_mode: str = "keep_end",
+    tokenization: str = "separate",
 ) -> dict[str, list] | None:
     """Tokenise and truncate one preference example; None when it must be dropped.
 
-    Plain text gets the tokenizer's BOS token in front of the prompt and its EOS token after each response
-    (when the tokenizer defines them and the text does not already have them); chat-template text is tokenised
-    as rendered. Weight columns, when present, must hold one float per response token of this tokenisation and
-    are truncated together with the tokens.
+    Plain text: the prompt is tokenised with the special tokens the tokenizer adds by itself (BOS for a
+    Llama-style tokenizer, none for a GPT-2-style one that defines BOS but does not add it, as TRL does), and each
+    response gets the EOS token at its end (when the tokenizer defines one and the text does not already end with
+    it). A plain-text prompt ending in a space gets a warning (once): its tokens are not those of normal text.
+    Chat-template text is tokenised as rendered. `tokenization`: `"separate"` (prompt and each response on their
+    own) or `"joint"` (TRL's: prompt + response together, the response being the tokens after the prompt's; see
+    `TISDPOConfig.tokenization`). Weight columns, when present, must hold one float per response token of this
+    tokenisation and are truncated together with the tokens.
 
     Returns `{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"[, "chosen_weights",
     "rejected_weights"]}`, or None if the prompt or a response is empty (after truncation).
     """
     if truncation_mode not in ("keep_end", "keep_start"):
         raise ValueError(f"`truncation_mode` must be 'keep_end' or 'keep_start', got {truncation_mode!r}")
+    if tokenization not in TOKENIZATION_MODES:
+        raise ValueError(f"`tokenization` must be one of {TOKENIZATION_MODES}, got {tokenization!r}")
     if "chosen" not in example or "rejected" not in example:
         raise ValueError(f"a preference example needs `chosen` and `rejected`, got keys {sorted(example)}")
     plain = not is_conversational(example)
@@ -176,11 +217,22 @@ def tokenize_row(
         texts = apply_chat_template(example, tokenizer)
         prompt, chosen, rejected = texts["prompt"], texts["chosen"], texts["rejected"]
 
-    prompt_ids, chosen_ids, rejected_ids = (_encode(tokenizer, text) for text in (prompt, chosen, rejected))
-    if plain:
-        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-        if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
-            prompt_ids = [bos] + prompt_ids
+    eos = tokenizer.eos_token_id if plain else None
+    if plain and prompt.endswith(" "):
+        _warn_once(
+            "prompt-space",
+            "a prompt ends in a space: BPE tokenizers attach spaces to the following word, so its last token is one "
+            "the model rarely sees; move the space to the start of the responses.",
+        )
+    if tokenization == "joint":
+        if eos is not None:  # TRL appends the EOS text before tokenising
+            chosen, rejected = (text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token
+                                for text in (chosen, rejected))
+        prompt_ids, chosen_ids = _split_joint(tokenizer, prompt, chosen, plain)
+        rejected_ids = _split_joint(tokenizer, prompt, rejected, plain)[1]
+    else:
+        prompt_ids = _encode(tokenizer, prompt, special_tokens=plain)
+        chosen_ids, rejected_ids = _encode(tokenizer, chosen), _encode(tokenizer, rejected)
         if eos is not None:
             chosen_ids = chosen_ids if chosen_ids and chosen_ids[-1] == eos else chosen_ids + [eos]
             rejected_ids = rejected_ids if rejected_ids and rejected_ids[-1] == eos else rejected_ids + [eos]
@@ -243,9 +295,16 @@ def _tokenize_batch(batch: dict[str, list], tokenizer, options: dict[str, Any]) 
     return out
 
 
+def _column_names(dataset) -> list[str]:
+    """Column names of a Dataset or IterableDataset (an IterableDataset without features: its first row's keys)."""
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    return list(next(iter(dataset)))
+
+
 def swap_preferences(dataset: datasets.Dataset) -> datasets.Dataset:
     """Exchange chosen and rejected columns (texts, token ids, weights, reference log-probs)."""
-    mapping = {old: new for old, new in _SWAP.items() if old in dataset.column_names}
+    mapping = {old: new for old, new in _SWAP.items() if old in _column_names(dataset)}
     missing = [new for new in mapping.values() if new not in mapping]
     if missing:
         raise ValueError(f"cannot swap preferences: columns {missing} lack their counterparts")
@@ -263,18 +322,28 @@ def prepare_preference_dataset(
     reverse_preferences: bool = False,
     num_proc: int | None = None,
     name: str = "train",
-) -> datasets.Dataset:
+    tokenization: str = "separate",
+) -> datasets.Dataset | datasets.IterableDataset:
     """Tokenise a preference dataset (any accepted format) into the columns `PreferenceCollator` reads.
 
     Columns other than the text, weight and reference columns are dropped. An already tokenised dataset (with
-    `prompt_input_ids`) is returned as is (after the optional swap). Pairs dropped because truncation emptied the
-    prompt or a response are counted in the log.
+    `prompt_input_ids`, or TRL's `prompt_ids` / `chosen_ids` / `rejected_ids`, renamed) is returned as is (after the
+    optional swap). Pairs dropped because truncation emptied the prompt or a response are counted in the log. A
+    `datasets.IterableDataset` is tokenised lazily, row by row as it is read (its dropped pairs are not counted).
     """
-    if not isinstance(dataset, datasets.Dataset):
-        raise TypeError(f"`{name}_dataset` must be a datasets.Dataset, got {type(dataset).__name__}")
+    if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
+        raise TypeError(
+            f"`{name}_dataset` must be a datasets.Dataset or datasets.IterableDataset, got {type(dataset).__name__}"
+        )
+    streaming = isinstance(dataset, datasets.IterableDataset)
+    columns = _column_names(dataset)
+    trl_columns = {old: new for old, new in TRL_TOKENIZED_COLUMNS.items() if old in columns}
+    if trl_columns and PROMPT_IDS not in columns:
+        dataset = dataset.rename_columns(trl_columns)
+        columns = [trl_columns.get(c, c) for c in columns]
     if reverse_preferences:
         dataset = swap_preferences(dataset)
-    columns = dataset.column_names
+        columns = [_SWAP.get(c, c) for c in columns]
     if PROMPT_IDS in columns:
         missing = [c for c in (CHOSEN_IDS, REJECTED_IDS) if c not in columns]
         if missing:
@@ -290,15 +359,18 @@ def prepare_preference_dataset(
         "max_prompt_length": max_prompt_length,
         "max_completion_length": max_completion_length,
         "truncation_mode": truncation_mode,
+        "tokenization": tokenization,
     }
+    map_kwargs = {} if streaming else {"num_proc": num_proc, "desc": f"Tokenizing {name} preference pairs"}
     tokenized = dataset.map(
         _tokenize_batch,
         batched=True,
         remove_columns=columns,
         fn_kwargs={"tokenizer": tokenizer, "options": options},
-        num_proc=num_proc,
-        desc=f"Tokenizing {name} preference pairs",
+        **map_kwargs,
     )
+    if streaming:
+        return tokenized
     dropped = len(dataset) - len(tokenized)
     if dropped:
         logger.warning(
@@ -349,11 +421,14 @@ class PreferenceCollator:
         input_ids [1, N] int64, position_ids [1, N] int64 (restarting at 0 for every sequence),
         labels [1, N] int64, cu_seqlens [2B+1] int32 (sequence boundaries).
     Both, when the pairs carry them: token_weights [same as labels] float32 (chosen weights then rejected
-    weights), ref_logps [same as labels] float32.
+    weights), ref_logps [same as labels] float32. `pad_to_multiple_of`: T (padded) or N (packed: the last
+    sequence is extended with pad tokens, label -100, which causal attention keeps from touching the others) is
+    rounded up to a multiple of it.
     """
 
     pad_token_id: int
     padding_free: bool = False
+    pad_to_multiple_of: int | None = None
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if len(features) == 0:
@@ -390,8 +465,17 @@ class PreferenceCollator:
             rows.append(row)
         float_keys = [k for k in ("token_weights", "ref_logps") if k in rows[0]]
         lengths = [len(r["input_ids"]) for r in rows]
+        multiple = self.pad_to_multiple_of or 1
 
         if self.padding_free:
+            extra = -sum(lengths) % multiple
+            if extra:
+                last = rows[-1]
+                last["input_ids"] = last["input_ids"] + [self.pad_token_id] * extra
+                last["labels"] = last["labels"] + [IGNORE_INDEX] * extra
+                for key in float_keys:
+                    last[key] = last[key] + [0.0] * extra
+                lengths[-1] += extra
             batch = {
                 "input_ids": torch.tensor([sum((r["input_ids"] for r in rows), [])], dtype=torch.long),
                 "position_ids": torch.tensor([[p for n in lengths for p in range(n)]], dtype=torch.long),
@@ -405,7 +489,7 @@ class PreferenceCollator:
             batch["cu_seqlens"] = torch.tensor(bounds, dtype=torch.int32)
             return batch
 
-        width = max(lengths)
+        width = -(-max(lengths) // multiple) * multiple
 
         def padded(key, value, dtype):
             return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in rows], dtype=dtype)

@@ -9,7 +9,13 @@ FSDP, DeepSpeed as prepared by accelerate), so their forward/backward hooks run 
 
 Reference log-probs come from (in this order of precedence): precomputed per-token values cached on disk
 (`precompute_ref_log_probs=True`), an explicit frozen `ref_model`, the PEFT base model with its adapter disabled,
-or a frozen copy of the initial policy. `loss_type="sft"` needs none.
+or a frozen copy of the initial policy, built lazily (when first needed, at the latest when `train()` starts) so that
+no second model sits in memory before then. `loss_type="sft"` needs none.
+
+TRL `DPOTrainer` compatibility: the constructor takes TRL's arguments (`data_collator`, `compute_metrics`,
+`optimizers`, `quantization_config`, `peft_config`) with their meaning, `train_dataset` may be a
+`datasets.IterableDataset` (with `max_steps`), and `TISDPOConfig` carries TRL's `DPOConfig` fields (see
+`tisdpo.config`). `save_model` writes a model card (`README.md`, `tisdpo.model_card`).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import pyarrow.compute as pc
 import torch
 from accelerate import PartialState
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments, set_seed
 
 from tisdpo_kernels import fused_linear_logprobs, fused_tis_dpo_loss
 from tisdpo_kernels.reference import apply_weight_transform
@@ -48,6 +54,9 @@ from .data import (
     prepare_preference_dataset,
     split_responses,
 )
+from .model_card import write_model_card
+from .offload import offload_activations
+from .trl_compat import SyncRefModelCallback, TRLFeatureAliases, check_syncable, normalize_batch
 
 logger = logging.getLogger(__name__)
 
@@ -140,13 +149,14 @@ def _is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def model_fingerprint(model: nn.Module, frozen_only: bool = False) -> str:
+def model_fingerprint(model: nn.Module, frozen_only: bool = False, include_config: bool = True) -> str:
     """A hash identifying a model's weights: config, parameter names, shapes, dtypes and up to 4096 evenly spaced
     values of every parameter (enough to tell checkpoints apart without hashing gigabytes). `frozen_only` hashes
-    only parameters that do not require grad (a PEFT model's base weights, not its freshly initialised adapter)."""
+    only parameters that do not require grad (a PEFT model's base weights, not its freshly initialised adapter);
+    `include_config=False` leaves the config out (the Trainer edits runtime flags such as `use_cache` in it)."""
     hasher = hashlib.sha256()
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
+    if include_config and config is not None and hasattr(config, "to_json_string"):
         hasher.update(config.to_json_string(use_diff=False).encode())
     for name, param in model.named_parameters():
         if frozen_only and param.requires_grad:
@@ -171,6 +181,11 @@ def dataset_fingerprint(dataset: datasets.Dataset) -> str:
 
 
 def _tokenize(dataset: datasets.Dataset, name: str, tokenizer, args: TISDPOConfig) -> datasets.Dataset:
+    if isinstance(dataset, datasets.IterableDataset) and args.precompute_ref_log_probs and args.loss_type != "sft":
+        raise ValueError(
+            f"`precompute_ref_log_probs=True` needs a map-style `{name}_dataset` (a datasets.Dataset); an "
+            "IterableDataset is read once, lazily. Set precompute_ref_log_probs=False."
+        )
     return prepare_preference_dataset(
         dataset,
         tokenizer,
@@ -181,7 +196,30 @@ def _tokenize(dataset: datasets.Dataset, name: str, tokenizer, args: TISDPOConfi
         reverse_preferences=args.reverse_preferences,
         num_proc=args.dataset_num_proc,
         name=name,
+        tokenization=args.tokenization,
     )
+
+
+def _is_moe(model: nn.Module) -> bool:
+    """A Mixture-of-Experts model whose forward can return a load-balancing `aux_loss` (`output_router_logits`)."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "output_router_logits", None) is not None
+
+
+def _trl_differences(args: TISDPOConfig, model_id: str | None) -> list[str]:
+    """The choices of this run that differ from TRL's DPOTrainer on purpose (logged once at construction)."""
+    notes = []
+    if args.tokenization == "separate":
+        notes.append("tokenization='separate' (prompt and responses tokenised on their own, the tokens a model sees at "
+                     "inference; TRL tokenises them jointly: set tokenization='joint' to reproduce a TRL run)")
+    if getattr(args, "_bf16_off_on_cpu", False):
+        notes.append("bf16=False on CPU (TRL: True; bfloat16 autocast is slower on most CPUs)")
+    if model_id is not None and "dtype" not in (args.model_init_kwargs or {}) and "torch_dtype" not in (
+            args.model_init_kwargs or {}):
+        dtype = args.resolved_model_init_kwargs("model")["dtype"]
+        notes.append(f"`{model_id}` loaded in {str(dtype).removeprefix('torch.')} (TRL: float32 everywhere)")
+    return notes
 
 
 def _map_datasets(dataset, name: str, func):
@@ -196,17 +234,35 @@ def _map_datasets(dataset, name: str, func):
 class TISDPOTrainer(Trainer):
     """Preference optimisation (TIS-DPO, DPO, IPO, hinge, TDPO) and SFT with the fused, logits-free loss.
 
+    The arguments are TRL `DPOTrainer`'s, in its order, with the same meaning.
+
     Args:
         model: a `PreTrainedModel` with an output embedding (LM head), or a hub name / local path loaded with
             `args.model_init_kwargs` (bfloat16 on a CUDA device with bf16 support unless a dtype is given).
-        ref_model: the frozen reference model (or its name/path); default: a frozen copy of `model`, or the PEFT
+        ref_model: the frozen reference model (or its name/path); default: a frozen copy of the initial `model`
+            (reloaded from its name/path if it was given as one), built when first needed; or, with PEFT, the
             base model with the adapter disabled. Unused with `loss_type="sft"`.
         args: `TISDPOConfig`.
-        train_dataset / eval_dataset: `datasets.Dataset` in a TRL preference format (see `tisdpo.data`),
-            optionally with `chosen_weights` / `rejected_weights` columns, or already tokenised.
+        data_collator: turns a list of tokenised rows into a batch; default `PreferenceCollator`. Each row has our
+            columns (`prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids`, weight and reference columns)
+            and TRL's `prompt_ids` / `chosen_ids` / `rejected_ids`. The batch is either ours (`PreferenceCollator`'s
+            layout) or TRL's (`input_ids`, `attention_mask`, `completion_mask`, `[2B, T]`, chosen rows first).
+        train_dataset / eval_dataset: `datasets.Dataset` or `datasets.IterableDataset` (streaming, tokenised on
+            the fly; needs `max_steps`) in a TRL preference format (see `tisdpo.data`), optionally with
+            `chosen_weights` / `rejected_weights` columns, or already tokenised (ours or TRL's columns);
+            `eval_dataset` may be a dict of them.
         processing_class: the tokenizer; default `AutoTokenizer.from_pretrained(model's name_or_path)`.
-        peft_config: a `peft.PeftConfig` to wrap `model` with (needs `peft`).
+        compute_metrics: `EvalPrediction -> dict` called after evaluation. The fused head builds no logits, so
+            what it gets is, per evaluation batch, the batch's metrics: `predictions` is a dict of float arrays
+            `[batches]` (`rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/accuracies`,
+            `logps/chosen`, `logps/rejected`, ..., each the mean over the batch's pairs) and `label_ids` an int
+            array `[batches]` of the batch's pair counts (to weight the means).
         callbacks: extra `TrainerCallback`s.
+        optimizers: `(optimizer, lr_scheduler)`, either may be None (then built from `args`), as in `Trainer`.
+        quantization_config: e.g. a `BitsAndBytesConfig`, used when `model` (and a reference model loaded by name)
+            is given as a name/path; with `peft_config` this is QLoRA. An error with an instantiated model.
+        peft_config: a `peft.PeftConfig` to wrap `model` with (needs `peft`); its adapter is initialised after
+            `set_seed(args.seed)`, so two builds with the same seed start from the same adapter.
     """
 
     def __init__(
@@ -214,11 +270,15 @@ class TISDPOTrainer(Trainer):
         model: str | PreTrainedModel,
         ref_model: str | PreTrainedModel | None = None,
         args: TISDPOConfig | None = None,
-        train_dataset: datasets.Dataset | None = None,
-        eval_dataset: datasets.Dataset | None = None,
+        data_collator=None,
+        train_dataset: datasets.Dataset | datasets.IterableDataset | None = None,
+        eval_dataset: datasets.Dataset | datasets.IterableDataset | dict | None = None,
         processing_class=None,
-        peft_config=None,
+        compute_metrics=None,
         callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
     ):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
@@ -229,14 +289,30 @@ class TISDPOTrainer(Trainer):
             raise TypeError(f"`args` must be a TISDPOConfig, got {type(args).__name__}")
 
         model_id = model if isinstance(model, str) else None
+        init_kwargs = args.resolved_model_init_kwargs("model")
+        init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        if quantization_config is not None:
+            if model_id is None:
+                raise ValueError(
+                    "`quantization_config` applies when the model is loaded from a name or path; `model` is already "
+                    "instantiated: pass its name/path, or quantize it yourself and omit `quantization_config`"
+                )
+            if "quantization_config" in init_kwargs:
+                raise ValueError("`quantization_config` is given both as an argument and in `args.model_init_kwargs`")
+            init_kwargs["quantization_config"] = quantization_config
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model, **args.resolved_model_init_kwargs("model"))
+            model = AutoModelForCausalLM.from_pretrained(model, **init_kwargs)
         elif not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a model name/path or a PreTrainedModel, got {type(model).__name__}")
         elif args.model_init_kwargs:
             logger.warning("`model_init_kwargs` is ignored: `model` is already instantiated.")
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model_id or model.config._name_or_path)
+            processing_class = AutoTokenizer.from_pretrained(model_id or model.config._name_or_path,
+                                                             trust_remote_code=args.trust_remote_code)
+        if args.pad_token is not None:  # TRL's deprecated field (the config warned): its meaning, the pad token
+            if args.pad_token not in processing_class.get_vocab():
+                raise ValueError(f"`pad_token` {args.pad_token!r} is not in the tokenizer's vocabulary")
+            processing_class.pad_token = args.pad_token
         if getattr(processing_class, "pad_token_id", None) is None:
             if processing_class.eos_token_id is None:
                 raise ValueError("`processing_class` has neither a pad nor an EOS token to pad with")
@@ -247,29 +323,32 @@ class TISDPOTrainer(Trainer):
                 from peft import get_peft_model
             except ImportError as err:
                 raise ImportError("`peft_config` needs the `peft` package (pip install peft)") from err
+            set_seed(args.seed)  # the adapter's initialisation depends on args.seed only, as in TRL
             model = get_peft_model(model, peft_config)
         _check_architecture(model, "model")
 
         needs_ref = args.loss_type != "sft"
         if isinstance(ref_model, str):
-            ref_model = AutoModelForCausalLM.from_pretrained(ref_model, **args.resolved_model_init_kwargs("ref_model"))
+            ref_kwargs = args.resolved_model_init_kwargs("ref_model")
+            ref_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+            ref_model = AutoModelForCausalLM.from_pretrained(ref_model, **ref_kwargs)
         if not needs_ref and ref_model is not None:
             raise ValueError("loss_type='sft' uses no reference model; do not pass `ref_model`")
+        if args.sync_ref_model and _is_peft_model(model):
+            raise ValueError(
+                "`sync_ref_model=True` is not supported with PEFT: the reference is the base model with the adapter "
+                "disabled, there is no separate reference model to update. Set sync_ref_model=False."
+            )
+        # the frozen copy of the initial policy, when one is needed: built lazily (`_ensure_ref_model`)
+        self._build_ref = None
         if needs_ref and ref_model is None and not _is_peft_model(model) and not args.precompute_ref_log_probs:
-            ref_model = copy.deepcopy(model)  # precomputing uses the (initial) policy itself
+            self._build_ref = self._ref_builder(model, model_id, init_kwargs)
         if ref_model is not None:
-            _check_architecture(ref_model, "ref_model")
-            ref_model.requires_grad_(False).eval()
-            if ref_model.get_output_embeddings().weight.shape[0] != model.get_output_embeddings().weight.shape[0]:
-                raise ValueError("`ref_model` and `model` have LM heads of different vocabulary sizes")
+            self._setup_ref_model(ref_model, model)
 
         for m in (model, ref_model):
-            if m is None:
-                continue
-            if args.disable_dropout:
-                _disable_dropout(m)
-            if args.liger_model_patches and torch.cuda.is_available() and not args.use_cpu:
-                _apply_liger_patches(m)
+            if m is not None:
+                self._prepare_module(m, args)
 
         attn = _attn_implementation(model)
         if args.padding_free and not _packing_supported(attn):
@@ -286,7 +365,14 @@ class TISDPOTrainer(Trainer):
             train_dataset = _map_datasets(train_dataset, "train", tokenize)
             eval_dataset = _map_datasets(eval_dataset, "eval", tokenize)
 
-        collator = PreferenceCollator(pad_token_id=processing_class.pad_token_id, padding_free=self.padding_free)
+        if isinstance(train_dataset, datasets.IterableDataset) and args.accelerator_config.dispatch_batches:
+            logger.warning("An IterableDataset is read by every process: `dispatch_batches` is set to False.")
+        if isinstance(train_dataset, datasets.IterableDataset):
+            args.accelerator_config.dispatch_batches = False
+        self._preference_collator = PreferenceCollator(pad_token_id=processing_class.pad_token_id,
+                                                       padding_free=self.padding_free,
+                                                       pad_to_multiple_of=args.pad_to_multiple_of)
+        collator = self._preference_collator if data_collator is None else TRLFeatureAliases(data_collator)
         super().__init__(
             model=model,
             args=args,
@@ -294,18 +380,32 @@ class TISDPOTrainer(Trainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
+            compute_metrics=compute_metrics,
             callbacks=callbacks,
+            optimizers=optimizers,
         )
         # the loss is a mean over pairs; the Trainer must not rescale it by a token count
         self.model_accepts_loss_kwargs = False
         self.ref_model = None
         if ref_model is not None and not args.precompute_ref_log_probs:
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        self._aux_loss_enabled = _is_moe(model) and args.router_aux_loss_coef != 0.0
+        self._model_id = model_id or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        if args.sync_ref_model and needs_ref:
+            self.add_callback(SyncRefModelCallback(
+                lambda: self.accelerator.unwrap_model(self.model),
+                lambda: self.accelerator.unwrap_model(self._ensure_ref_model()),
+                args.ref_model_mixup_alpha, args.ref_model_sync_steps,
+            ))
+        differences = _trl_differences(args, model_id)
+        if differences:
+            logger.warning("Choices that differ from TRL's DPOTrainer: %s.", "; ".join(differences))
 
         self._metrics: dict[str, defaultdict[str, list[float]]] = {m: defaultdict(list) for m in ("train", "eval")}
         self._tokens_since_log = 0.0
         self._last_log_time = time.perf_counter()
         self._announced_objective = False
+        self._announced_weighted: bool | None = None
         if args.precompute_ref_log_probs and needs_ref:
             source = ref_model.to(self.accelerator.device) if ref_model is not None else model
 
@@ -316,9 +416,59 @@ class TISDPOTrainer(Trainer):
             self.eval_dataset = _map_datasets(self.eval_dataset, "eval", add_ref)
 
     def train(self, *args, **kwargs):
-        """`Trainer.train`, with the `tokens_per_second` clock started here rather than at construction."""
+        """`Trainer.train`, with the `tokens_per_second` clock started here rather than at construction, and the lazy
+        reference model built first (before a checkpoint to resume from replaces the policy's weights)."""
+        self._ensure_ref_model()
         self._tokens_since_log, self._last_log_time = 0.0, time.perf_counter()
         return super().train(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # reference model
+    # ------------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _prepare_module(module: nn.Module, args: TISDPOConfig) -> None:
+        if args.disable_dropout:
+            _disable_dropout(module)
+        if args.liger_model_patches and torch.cuda.is_available() and not args.use_cpu:
+            _apply_liger_patches(module)
+
+    @staticmethod
+    def _setup_ref_model(ref_model: nn.Module, model: nn.Module) -> None:
+        _check_architecture(ref_model, "ref_model")
+        ref_model.requires_grad_(False).eval()
+        if ref_model.get_output_embeddings().weight.shape[0] != model.get_output_embeddings().weight.shape[0]:
+            raise ValueError("`ref_model` and `model` have LM heads of different vocabulary sizes")
+
+    def _ref_builder(self, model: nn.Module, model_id: str | None, init_kwargs: dict[str, Any]):
+        """A function building the frozen reference: `model_id` reloaded (TRL's way: also right for a quantized
+        model), else a deep copy of `model`, refused if its weights changed since construction."""
+        if model_id is not None:
+            return lambda: AutoModelForCausalLM.from_pretrained(model_id, **init_kwargs)
+        initial = model_fingerprint(model, include_config=False)
+
+        def copy_initial_policy():
+            policy = self.accelerator.unwrap_model(self.model)
+            if model_fingerprint(policy, include_config=False) != initial:
+                raise RuntimeError(
+                    "the policy's weights changed between TISDPOTrainer(...) and the first step needing the reference "
+                    "model, which is built lazily as a copy of the initial policy; pass `ref_model=` explicitly"
+                )
+            return copy.deepcopy(policy)
+
+        return copy_initial_policy
+
+    def _ensure_ref_model(self) -> nn.Module | None:
+        """The reference model, built now if it is the lazy copy of the initial policy and not built yet."""
+        if self.ref_model is None and self._build_ref is not None:
+            ref_model = self._build_ref()
+            self._build_ref = None
+            self._setup_ref_model(ref_model, self.accelerator.unwrap_model(self.model))
+            self._prepare_module(ref_model, self.args)
+            if self.args.sync_ref_model:
+                check_syncable(self.accelerator.unwrap_model(self.model), ref_model)
+            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        return self.ref_model
 
     # ------------------------------------------------------------------------------------------------------------
     # columns
@@ -333,8 +483,10 @@ class TISDPOTrainer(Trainer):
     # forward passes
     # ------------------------------------------------------------------------------------------------------------
 
-    def _hidden_states(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Last hidden states `[rows, T, D]` of `model` (possibly wrapped), with the LM head applied to no position."""
+    def _hidden_states(self, model: nn.Module, inputs: dict[str, torch.Tensor],
+                       router_aux: bool = False) -> torch.Tensor:
+        """Last hidden states `[rows, T, D]` of `model` (possibly wrapped), with the LM head applied to no position.
+        `router_aux`: also keep the model's MoE load-balancing loss in `self._aux_loss`."""
         decoder = self.accelerator.unwrap_model(model).get_decoder()
         captured: list[torch.Tensor] = []
 
@@ -346,18 +498,23 @@ class TISDPOTrainer(Trainer):
             kwargs["attention_mask"] = inputs["attention_mask"]
         if "position_ids" in inputs:
             kwargs["position_ids"] = inputs["position_ids"]
+        if router_aux:
+            kwargs["output_router_logits"] = True
         no_positions = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
         handle = decoder.register_forward_hook(keep)
         try:
-            model(**kwargs, use_cache=False, logits_to_keep=no_positions)
+            output = model(**kwargs, use_cache=False, logits_to_keep=no_positions)
         finally:
             handle.remove()
+        if router_aux:
+            self._aux_loss = output.aux_loss
         if len(captured) != 1:
             raise RuntimeError(f"expected one decoder forward per model call, saw {len(captured)}")
         return captured[0]
 
     def _ref_hidden_states(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, nn.Module]:
         """Reference hidden states and the reference LM head, without grad."""
+        self._ensure_ref_model()
         with torch.no_grad():
             if self.ref_model is not None:
                 head = _lm_head(self.accelerator.unwrap_model(self.ref_model))
@@ -376,13 +533,22 @@ class TISDPOTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Scalar loss of one micro-batch (mean over its pairs); stores the metrics for `log`."""
+        """Scalar loss of one micro-batch (mean over its pairs); stores the metrics for `log`. With
+        `activation_offloading`, the activations saved for the backward leave the device (`tisdpo.offload`); with an
+        MoE model, `router_aux_loss_coef` times its load-balancing loss is added (metric `aux_loss`)."""
         mode = "train" if model.training else "eval"
-        if self.args.loss_type == "sft":
-            inputs = _chosen_half(inputs)
-            loss, metrics = self._sft_loss(model, inputs)
-        else:
-            loss, metrics = self._preference_loss(model, inputs)
+        inputs = normalize_batch(inputs)
+        offload = self.args.activation_offloading and model.training and torch.is_grad_enabled()
+        self._aux_loss = None
+        with offload_activations() if offload else contextlib.nullcontext():
+            if self.args.loss_type == "sft":
+                inputs = _chosen_half(inputs)
+                loss, metrics = self._sft_loss(model, inputs)
+            else:
+                loss, metrics = self._preference_loss(model, inputs)
+        if self._aux_loss is not None:
+            metrics = dict(metrics, aux_loss=self._aux_loss.detach())
+            loss = loss + self.args.router_aux_loss_coef * self._aux_loss.to(loss.dtype)
         tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
         self._store_metrics(metrics, mode, tokens)
         return (loss, metrics) if return_outputs else loss
@@ -396,8 +562,8 @@ class TISDPOTrainer(Trainer):
                 "TIS-DPO with per-token weights" if weighted else "DPO (no chosen_weights/rejected_weights columns)",
                 args.loss_type, args.kl, f", weight_transform={args.weight_transform}" if weighted else "",
             )
-            self._announced_objective = True
-        hidden = self._hidden_states(model, inputs)
+            self._announced_objective, self._announced_weighted = True, weighted
+        hidden = self._hidden_states(model, inputs, router_aux=self._aux_loss_enabled)
         head = _lm_head(self.accelerator.unwrap_model(model))
         dim = hidden.shape[-1]
         tensors: dict[str, Any] = {}
@@ -435,7 +601,7 @@ class TISDPOTrainer(Trainer):
         """Summed negative log-likelihood of each chosen response, averaged over the responses."""
         cu = chosen["cu_seqlens"]
         pairs = cu.numel() - 1
-        hidden = self._hidden_states(model, chosen)
+        hidden = self._hidden_states(model, chosen, router_aux=self._aux_loss_enabled)
         head = _lm_head(self.accelerator.unwrap_model(model))
         labels = chosen["labels"].reshape(-1)
         logps = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, bias=head.bias,
@@ -465,11 +631,17 @@ class TISDPOTrainer(Trainer):
         return super().get_eval_dataloader(eval_dataset)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Loss of an evaluation batch (metrics are stored for `log`); no logits are produced."""
+        """Loss of an evaluation batch (metrics are stored for `log`); no logits are produced. Unless only the loss
+        is asked for (no `compute_metrics`), also `(predictions, label_ids)` for `compute_metrics`: the batch's
+        metrics (dict of `[1]` tensors) and its pair count (`[1]`); see the class docstring."""
         inputs = self._prepare_inputs(inputs)
+        pairs = (normalize_batch(inputs)["cu_seqlens"].numel() - 1) // 2
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            loss, metrics = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        predictions = {name: value.detach().float().reshape(1) for name, value in sorted(metrics.items())}
+        return loss.detach(), predictions, torch.tensor([pairs], device=loss.device)
 
     def _store_metrics(self, metrics: dict[str, torch.Tensor], mode: str, tokens) -> None:
         names = sorted(metrics)
@@ -500,6 +672,35 @@ class TISDPOTrainer(Trainer):
             if torch.cuda.is_available() and self.accelerator.device.type == "cuda":
                 logs["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # saving
+    # ------------------------------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, plus a model card `README.md` (tags, objective, citations) in `output_dir`."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            self.create_model_card_file(output_dir or self.args.output_dir)
+
+    def _save_checkpoint(self, model, trial):
+        if self.args.should_save:  # as TRL: the run's output_dir holds the card of the latest checkpoint
+            self.create_model_card_file(self.args.output_dir)
+        super()._save_checkpoint(model, trial)
+
+    def create_model_card_file(self, output_dir: str) -> str:
+        """Write this run's model card to `output_dir/README.md` (see `tisdpo.model_card`); returns its path."""
+        args = self.args
+        if args.loss_type == "sft":
+            objective = "SFT"
+        elif args.kl in ("tdpo1", "tdpo2"):
+            objective = "TDPO"
+        else:
+            objective = "TIS-DPO" if self._announced_weighted else "DPO"
+        return write_model_card(
+            output_dir, base_model=self._model_id, objective=objective, loss_type=args.loss_type, beta=args.beta,
+            kl=args.kl, weighted=self._announced_weighted, model_name=os.path.basename(os.path.normpath(output_dir)),
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # precomputed reference log-probs
@@ -548,7 +749,7 @@ class TISDPOTrainer(Trainer):
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
         columns = [c for c in (PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS) if c in dataset.column_names]
         loader = torch.utils.data.DataLoader(
-            dataset.select_columns(columns), batch_size=batch_size, shuffle=False, collate_fn=self.data_collator
+            dataset.select_columns(columns), batch_size=batch_size, shuffle=False, collate_fn=self._preference_collator
         )
         device = self.accelerator.device
         was_training = source.training
