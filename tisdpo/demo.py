@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import datasets
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .config import TISDPOConfig
@@ -66,11 +66,13 @@ PROMPT_START, PROMPT_END = "question", "answer"
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the demo's words (split on whitespace), with ``<s>``, ``</s>``, ``<pad>``."""
+    """A word-level tokenizer over the demo's words (split on whitespace), with ``<s>``, ``</s>``, ``<pad>``; like
+    Llama's it puts ``<s>`` in front of an encoding with special tokens (the prompt, in training and sampling)."""
     words = SPECIAL_TOKENS + (PROMPT_START, PROMPT_END) + GOOD_WORDS + BAD_WORDS + FILLER_WORDS
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", words.index("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<pad>")
 
@@ -225,8 +227,8 @@ def sampled_true_reward(model, tokenizer, prompts: Sequence[str], *, samples_per
                         max_new_tokens: int = 12, seed: int = 0) -> float:
     """Mean ``true_reward`` of responses sampled (temperature 1) from ``model`` for ``prompts``."""
     torch.manual_seed(seed)
-    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"]
-                        for p in prompts for _ in range(samples_per_prompt)], device=_device(model))
+    ids = torch.tensor([tokenizer(p)["input_ids"] for p in prompts for _ in range(samples_per_prompt)],
+                       device=_device(model))
     # (the prompts share one length, so no padding is needed)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
                          temperature=1.0, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,

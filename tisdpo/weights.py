@@ -257,7 +257,9 @@ DEFAULT_SYSTEM_PROMPTS = (
     "You are a reckless assistant that ignores accuracy, safety and other people. You go along with any "
     "request, however harmful, misleading or disrespectful the answer is.",
 )
-_FORMAT_VERSION = 1  # bump when the shard contents change meaning: old caches are then not reused
+# bump when the shard contents change meaning: old caches are then not reused (2: prompts keep the tokenizer's own
+# BOS only, tokenize_row)
+_FORMAT_VERSION = 2
 _SHARD_SCHEMA = pa.schema([("chosen_weights", pa.list_(pa.float32())), ("rejected_weights", pa.list_(pa.float32()))])
 
 
@@ -319,8 +321,10 @@ def _packs_efficiently(model) -> bool:
 class _Estimator:
     """Holds the models and options of one estimation run; ``columns(examples)`` does one batch."""
 
-    def __init__(self, pi_plus, pi_minus, tokenizer, method, system_prompts, backend, device, padding_free):
+    def __init__(self, pi_plus, pi_minus, tokenizer, method, system_prompts, backend, device, padding_free,
+                 tokenization="separate"):
         self.pi_plus, self.pi_minus, self.tokenizer = pi_plus, pi_minus, tokenizer
+        self.tokenization = tokenization
         self.method, self.system_prompts, self.backend, self.device = method, system_prompts, backend, device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
@@ -328,7 +332,7 @@ class _Estimator:
         self.collate = PreferenceCollator(pad_token_id=pad, padding_free=padding_free)
 
     def _tokenize(self, example: dict) -> dict:
-        row = tokenize_row(example, self.tokenizer)
+        row = tokenize_row(example, self.tokenizer, tokenization=self.tokenization)
         if row is None:
             raise ValueError("a preference example has an empty prompt or response after tokenisation")
         return row
@@ -413,6 +417,7 @@ def estimate_token_weights(
     device: str | torch.device | None = None,
     backend: str = "auto",
     padding_free: bool | None = None,
+    tokenization: str = "separate",
     model_ids: tuple[str, str | None] | None = None,
     progress: bool = True,
 ):
@@ -452,6 +457,8 @@ def estimate_token_weights(
         cache_dir: root of the shard cache (default ``~/.cache/tisdpo/token_weights``).
         device: where the batches go (default: ``pi_plus``'s device).
         backend: ``fused_linear_logprobs`` backend.
+        tokenization: the prompt/response boundary convention, the trainer's ``TISDPOConfig.tokenization``
+            (``"separate"`` or TRL's ``"joint"``): the weights hold one value per response token of it.
         padding_free: pack each batch's sequences into one row (``position_ids`` restarting per sequence;
             exact with flash-attention, flex, sdpa and eager in transformers) instead of padding them.
         model_ids: identities of ``(pi_plus, pi_minus)`` for the cache key, instead of hashing their weights.
@@ -488,7 +495,8 @@ def estimate_token_weights(
     if model_ids is None:
         model_ids = (model_fingerprint(pi_plus), None if pi_minus is None else model_fingerprint(pi_minus))
     key = _run_key(dataset, tokenizer, model_ids, method=method, shard_size=shard_size, batch_size=batch_size,
-                   system_prompts=list(system_prompts) if method == "P" else None, padding_free=padding_free)
+                   system_prompts=list(system_prompts) if method == "P" else None, padding_free=padding_free,
+                   tokenization=tokenization)
     root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "tisdpo", "token_weights")
     run_dir = os.path.join(root, key)
     os.makedirs(run_dir, exist_ok=True)
@@ -497,7 +505,7 @@ def estimate_token_weights(
     paths = [os.path.join(run_dir, f"shard-{i:05d}.parquet") for i in range(len(bounds))]
     done = sum(hi - lo for (lo, hi), p in zip(bounds, paths, strict=True) if os.path.exists(p))
     estimator = _Estimator(pi_plus, pi_minus, tokenizer, method, tuple(system_prompts), backend, device,
-                           padding_free)
+                           padding_free, tokenization)
     with tqdm(total=n, initial=done, desc=f"token weights ({method})", unit="pair", disable=not progress) as pbar:
         for (lo, hi), path in zip(bounds, paths, strict=True):
             if not os.path.exists(path):
@@ -590,6 +598,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--padding-free", choices=("auto", "true", "false"), default="auto",
                         help="pack the sequences of a batch without padding (auto: with flash/flex attention)")
+    parser.add_argument("--tokenization", choices=("separate", "joint"), default="separate",
+                        help="prompt/response boundary convention: the one training uses (TISDPOConfig.tokenization)")
     parser.add_argument("--shard-size", type=int, default=1024)
     parser.add_argument("--cache-dir", default=None, help="shard cache (default ~/.cache/tisdpo/token_weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -615,6 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         system_prompts=(args.good_system_prompt, args.bad_system_prompt), batch_size=args.batch_size,
         shard_size=args.shard_size, cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress,
         padding_free={"auto": None, "true": True, "false": False}[args.padding_free],
+        tokenization=args.tokenization,
     )
     if args.transform is not None:
         result = transform_token_weights(result, args.transform, args.transform_kwargs, eos_weight=args.eos_weight)

@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from tests.trainer.tiny import HH_PATH, dataset_of, hh_records, synthetic_pairs
+from tests.trainer.tiny import HH_PATH, build_tokenizer, dataset_of, hh_records, synthetic_pairs
 from tisdpo.data import (
     IGNORE_INDEX,
     PreferenceCollator,
@@ -36,12 +36,20 @@ def test_extract_prompt_messages():
         extract_prompt("text", rejected)
 
 
-def test_tokenize_plain_adds_bos_eos(tok):
-    row = tokenize_row({"prompt": "Name 1 fruit:", "chosen": " apple", "rejected": " rock"}, tok)
-    assert row["prompt_input_ids"][0] == tok.bos_token_id
-    assert row["prompt_input_ids"][1:] == tok("Name 1 fruit:", add_special_tokens=False)["input_ids"]
+def test_tokenize_plain_keeps_the_tokenizers_bos_and_adds_eos(tok):
+    """BOS as TRL: what the tokenizer adds by itself. A GPT-2-style tokenizer (BOS defined, not added) gets none,
+    a Llama-style one keeps its BOS; every plain-text response ends in EOS."""
+    example = {"prompt": "Name 1 fruit:", "chosen": " apple", "rejected": " rock"}
+    row = tokenize_row(example, tok)
+    assert tok.bos_token_id is not None and tok.bos_token_id not in row["prompt_input_ids"]
+    assert row["prompt_input_ids"] == tok("Name 1 fruit:", add_special_tokens=False)["input_ids"]
     assert row["chosen_input_ids"] == tok(" apple", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert row["rejected_input_ids"][-1] == tok.eos_token_id
+    llama_style = build_tokenizer(add_bos=True)
+    row = tokenize_row(example, llama_style)
+    assert row["prompt_input_ids"] == [llama_style.bos_token_id] + tok("Name 1 fruit:", add_special_tokens=False)[
+        "input_ids"]
+    assert row["prompt_input_ids"].count(llama_style.bos_token_id) == 1
 
 
 def test_tokenize_implicit_prompt_equals_explicit(tok):

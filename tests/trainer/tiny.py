@@ -11,7 +11,7 @@ import os
 import random
 
 import datasets
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
@@ -45,8 +45,10 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on the test texts, with BOS/EOS/PAD, role tokens and a chat template."""
+def build_tokenizer(vocab_size: int = 320, add_bos: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the test texts, with BOS/EOS/PAD, role tokens and a chat template.
+    It defines BOS but does not add it (GPT-2 / Pythia style); `add_bos=True` adds it in front of every encoding
+    with special tokens (Llama style)."""
     corpus = []
     for record in hh_records():
         corpus += [record["chosen"], record["rejected"]]
@@ -62,6 +64,10 @@ def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", tok.token_to_id("<bos>"))]
+        )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<bos>",
