@@ -71,7 +71,7 @@ def test_chunked_matches_reference_float64(kl, weights, layout):
     _assert_close_results(ours, ref, rel=1e-6)
 
 
-@pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0),
+@pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("cdpo", 0.2), ("ipo", 0.0),
                                                       ("hinge", 0.0)])
 @pytest.mark.parametrize("bias,ref", [(True, "logps"), (False, "hidden")])
 def test_loss_types_match_reference_float64(loss_type, label_smoothing, bias, ref):
