@@ -1,11 +1,12 @@
 """Pure-PyTorch token-chunked path (``backend="torch"``): runs anywhere, CPU included.
 
 Computes per-token label log-probs (and, for the KL variants, the per-token KL between policy and
-reference, and for WPO the per-token ``log sum_v p(v)^2``) of the response rows without ever holding more than one chunk of ``[rows, V]`` logits,
-forward or backward: the forward keeps only per-row log-sum-exps, the backward recomputes each
-chunk's logits from them. Math in float32 (float64 for float64 inputs); gradients are accumulated
-in that precision and returned in the input dtype. Half-precision weights are upcast once per call
-(a ``[V, D]`` float32 copy), so the per-chunk matmuls run in float32 on CPU.
+reference; for WPO the per-token ``log sum_v p(v)^2``) of the response rows without ever holding
+more than one chunk of ``[rows, V]`` logits, forward or backward: the forward keeps only per-row
+log-sum-exps, the backward recomputes each chunk's logits from them. Math in float32 (float64 for
+float64 inputs); gradients are accumulated in that precision and returned in the input dtype.
+Half-precision weights are upcast once per call (a ``[V, D]`` float32 copy), so the per-chunk
+matmuls run in float32 on CPU.
 
 Tested against ``reference.py`` in ``tests/test_chunked.py`` and through ``tests/test_loss.py``.
 """

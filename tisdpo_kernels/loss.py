@@ -323,7 +323,8 @@ def fused_tis_dpo_loss(
     """
     if kl not in KL_MODES:
         raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
-    loss_terms(loss_type, loss_weights, label_smoothing=label_smoothing, discopop_tau=discopop_tau, kl=kl)
+    loss_terms(loss_type, loss_weights, label_smoothing=label_smoothing, discopop_tau=discopop_tau, kl=kl,
+               use_weighting=use_weighting)
     for name, value in (("beta", beta), ("alpha", alpha)):
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")

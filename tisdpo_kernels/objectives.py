@@ -127,11 +127,13 @@ LOSS_TYPES = tuple(LOSS_FUNCTIONS)
 SMOOTHED_LOSS_TYPES = ("cdpo", "robust", "exo_pair", "aot", "aot_unpaired")
 # loss types that need the policy and reference sums apart, which the KL variants do not define
 NO_KL_LOSS_TYPES = ("aot",)
+# loss types that sort the pairs, so per-pair WPO weights would not line up (TRL refuses the same)
+SORTED_LOSS_TYPES = ("aot", "aot_unpaired")
 
 
 def loss_terms(loss_type: str | Sequence[str], loss_weights: Sequence[float] | None = None, *,
-               label_smoothing: float = 0.0, discopop_tau: float = 0.05, kl: str | None = None
-               ) -> tuple[tuple[str, float], ...]:
+               label_smoothing: float = 0.0, discopop_tau: float = 0.05, kl: str | None = None,
+               use_weighting: bool = False) -> tuple[tuple[str, float], ...]:
     """Validated ``((name, weight), ...)`` of a ``loss_type`` (a name or a list of names, TRL's forms) and its
     ``loss_weights`` (None: 1 each). Raises ``ValueError`` naming the offending argument."""
     names = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
@@ -167,6 +169,9 @@ def loss_terms(loss_type: str | Sequence[str], loss_weights: Sequence[float] | N
     if kl is not None and any(n in NO_KL_LOSS_TYPES for n in names):
         raise ValueError(f"loss_type {NO_KL_LOSS_TYPES} compares policy and reference sums separately and has no "
                          f"KL variant; got kl={kl!r}")
+    if use_weighting and any(n in SORTED_LOSS_TYPES for n in names):
+        raise ValueError(f"use_weighting=True (WPO) cannot weight {SORTED_LOSS_TYPES}: they sort the pairs, so "
+                         "per-pair weights would not line up (as in TRL)")
     return tuple(zip(names, (float(w) for w in weights), strict=True))
 
 
@@ -194,5 +199,5 @@ def ld_token_weights(seq_ids: torch.Tensor, num_seqs: int, ld_alpha: float) -> t
     return torch.where(position < shared[seq_ids], one, one * ld_alpha)
 
 
-__all__ = ["LOSS_FUNCTIONS", "LOSS_TYPES", "NO_KL_LOSS_TYPES", "PairTerms", "SMOOTHED_LOSS_TYPES", "check_ld_alpha",
-           "ld_token_weights", "loss_terms"]
+__all__ = ["LOSS_FUNCTIONS", "LOSS_TYPES", "NO_KL_LOSS_TYPES", "PairTerms", "SMOOTHED_LOSS_TYPES", "SORTED_LOSS_TYPES",
+           "check_ld_alpha", "ld_token_weights", "loss_terms"]

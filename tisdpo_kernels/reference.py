@@ -194,7 +194,8 @@ def pair_objective(sums: SequenceSums, *, beta=0.1, alpha=0.5, kl=None, loss_typ
     weight that multiplies whatever the token weights did inside ``M``; it is computed from the unweighted
     log-probs, as in TRL, so TIS-DPO and LD-DPO weights leave it unchanged.
     """
-    terms = loss_terms(loss_type, loss_weights, label_smoothing=label_smoothing, discopop_tau=discopop_tau, kl=kl)
+    terms = loss_terms(loss_type, loss_weights, label_smoothing=label_smoothing, discopop_tau=discopop_tau, kl=kl,
+                       use_weighting=use_weighting)
     b = sums.M.shape[0] // 2
     mc, mr = sums.M[:b], sums.M[b:]
     kc, kr = sums.K[:b], sums.K[b:]
