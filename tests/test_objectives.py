@@ -205,15 +205,19 @@ def test_ld_token_weights_hand_computed():
 # ------------------------------------------------------------------------------------------------
 
 
-def _leaves(dtype=torch.float64, **shape):
-    b = make_batch(dtype=dtype, pairs=3, seq_len=14, dim=8, vocab=37, **shape)
+def _leaves(dtype=torch.float64, device="cpu", **shape):
+    b = make_batch(dtype=dtype, **{**dict(pairs=3, seq_len=14, dim=8, vocab=37), **shape})
+    for name, value in vars(b).items():
+        if isinstance(value, torch.Tensor):
+            setattr(b, name, value.to(device))
     return b, [t.clone().requires_grad_() for t in (b.hidden, b.weight, b.bias)]
 
 
-def _fused_and_trl(loss_type, loss_weights=None, backend="torch", dtype=torch.float64, ld_alpha=None,
-                   use_weighting=False):
-    """Our loss and TRL's on the same batch, and the gradients of each w.r.t. hidden, weight and bias."""
-    b, leaves = _leaves(dtype)
+def fused_and_trl(loss_type, loss_weights=None, backend="torch", dtype=torch.float64, ld_alpha=None,
+                  use_weighting=False, device="cpu", **shape):
+    """Our loss and gradients (w.r.t. hidden, weight, bias) on one batch, then TRL's at our dtype and TRL's in
+    float64 (the truth) on the same values."""
+    b, leaves = _leaves(dtype, device, **shape)
     opts = _options(loss_type)
     ours, _ = fused_tis_dpo_loss(*leaves[:2], b.labels, bias=leaves[2], ref_logps=b.ref_logps, backend=backend,
                                  chunk_size=5, loss_type=loss_type, loss_weights=loss_weights, ld_alpha=ld_alpha,
@@ -239,14 +243,14 @@ def _assert_equal_to_trl(ours, trl, rtol=RTOL):
 
 @pytest.mark.parametrize("loss_type", TRL_LOSS_TYPES)
 def test_fused_equals_trl(loss_type):
-    ours, _, trl = _fused_and_trl(loss_type)
+    ours, _, trl = fused_and_trl(loss_type)
     _assert_equal_to_trl(ours, trl)
 
 
 def test_fused_combination_ld_alpha_and_wpo_equal_trl():
     types, weights = ["sigmoid", "ipo", "sft", "apo_down"], [1.0, 0.3, 0.7, 0.5]
     for ld_alpha, use_weighting in ((0.4, False), (None, True), (0.0, True)):
-        ours, _, trl = _fused_and_trl(types, weights, ld_alpha=ld_alpha, use_weighting=use_weighting)
+        ours, _, trl = fused_and_trl(types, weights, ld_alpha=ld_alpha, use_weighting=use_weighting)
         _assert_equal_to_trl(ours, trl)
 
 
