@@ -80,9 +80,10 @@ def test_triton_every_trl_loss_type_equals_trl(ld_alpha, device):
     (ours, g_ours), (same, g_same), (truth, g_truth) = fused_and_trl(
         TRL_LOSS_TYPES, weights, backend="triton", dtype=torch.float32, ld_alpha=ld_alpha, device=device,
         pairs=3, seq_len=23, dim=40, vocab=211)
-    assert_close_to_truth("loss", ours, same, truth)
+    reduction = 2 * 3 * 23 + 211 + 40  # every token of the batch + vocab + dim, as in _check
+    assert_close_to_truth("loss", ours, same, truth, reduction=reduction)
     for name, o, s, t in zip(("hidden", "weight", "bias"), g_ours, g_same, g_truth, strict=True):
-        assert_close_to_truth(name, o, s, t)
+        assert_close_to_truth(name, o, s, t, reduction=reduction)
 
 
 def test_triton_refuses_wpo_naming_the_option(device):
