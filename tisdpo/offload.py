@@ -36,7 +36,7 @@ class _Spilled:
         self.nbytes = data.numel() * data.element_size()
         fd, self.path = tempfile.mkstemp(dir=directory, prefix="tisdpo-offload-", suffix=".act")
         with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+            f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
 
     def load(self) -> torch.Tensor:
         raw = torch.from_file(self.path, shared=False, size=self.nbytes, dtype=torch.uint8)

@@ -181,7 +181,7 @@ def dataset_fingerprint(dataset: datasets.Dataset) -> str:
 
 
 def _tokenize(dataset: datasets.Dataset, name: str, tokenizer, args: TISDPOConfig) -> datasets.Dataset:
-    if isinstance(dataset, datasets.IterableDataset) and args.precompute_ref_log_probs and args.loss_type != "sft":
+    if isinstance(dataset, datasets.IterableDataset) and args.precompute_ref_log_probs and not args.sft_only:
         raise ValueError(
             f"`precompute_ref_log_probs=True` needs a map-style `{name}_dataset` (a datasets.Dataset); an "
             "IterableDataset is read once, lazily. Set precompute_ref_log_probs=False."
@@ -327,7 +327,7 @@ class TISDPOTrainer(Trainer):
             model = get_peft_model(model, peft_config)
         _check_architecture(model, "model")
 
-        needs_ref = args.loss_type != "sft"
+        needs_ref = not args.sft_only
         if isinstance(ref_model, str):
             ref_kwargs = args.resolved_model_init_kwargs("ref_model")
             ref_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
@@ -541,7 +541,7 @@ class TISDPOTrainer(Trainer):
         offload = self.args.activation_offloading and model.training and torch.is_grad_enabled()
         self._aux_loss = None
         with offload_activations() if offload else contextlib.nullcontext():
-            if self.args.loss_type == "sft":
+            if self.args.sft_only:
                 inputs = _chosen_half(inputs)
                 loss, metrics = self._sft_loss(model, inputs)
             else:
@@ -589,16 +589,16 @@ class TISDPOTrainer(Trainer):
             beta=args.beta,
             alpha=args.alpha,
             kl=args.kl,
-            loss_type=args.loss_type,
-            label_smoothing=args.label_smoothing,
             ignore_index=IGNORE_INDEX,
             backend=args.loss_backend,
             chunk_size=args.loss_chunk_size,
+            **args.pair_loss_kwargs(),
             **tensors,
         )
 
     def _sft_loss(self, model, chosen):
-        """Summed negative log-likelihood of each chosen response, averaged over the responses."""
+        """Negative log-likelihood of the chosen responses averaged over all their tokens (TRL's 'sft'), times the
+        sum of the 'sft' weights."""
         cu = chosen["cu_seqlens"]
         pairs = cu.numel() - 1
         hidden = self._hidden_states(model, chosen, router_aux=self._aux_loss_enabled)
@@ -610,9 +610,9 @@ class TISDPOTrainer(Trainer):
         lengths = (cu[1:] - cu[:-1]).to(device=logps.device, dtype=torch.long)
         seq_ids = torch.arange(pairs, device=logps.device).repeat_interleave(lengths)
         sums = torch.zeros(pairs, dtype=logps.dtype, device=logps.device).index_add(0, seq_ids, logps)
-        loss = -sums.mean()
-        return loss, {"logps/chosen": sums.detach().mean(), "nll/chosen_per_token":
-                      (-sums.detach().sum() / (labels != IGNORE_INDEX).sum())}
+        nll = -sums.sum() / (labels != IGNORE_INDEX).sum()
+        loss = sum(weight for _, weight in self.args.loss_terms()) * nll
+        return loss, {"logps/chosen": sums.detach().mean(), "nll/chosen_per_token": nll.detach()}
 
     # ------------------------------------------------------------------------------------------------------------
     # evaluation and logging
@@ -621,7 +621,7 @@ class TISDPOTrainer(Trainer):
     def get_eval_dataloader(self, eval_dataset=None):
         """As `Trainer.get_eval_dataloader`; an untokenised `eval_dataset` passed to `evaluate` is tokenised first."""
         if isinstance(eval_dataset, datasets.Dataset) and PROMPT_IDS not in eval_dataset.column_names:
-            if self.args.precompute_ref_log_probs and self.args.loss_type != "sft":
+            if self.args.precompute_ref_log_probs and not self.args.sft_only:
                 raise ValueError(
                     "with precompute_ref_log_probs=True, pass evaluation data to TISDPOTrainer(eval_dataset=...): its "
                     "reference log-probs are computed at construction, before the policy changes"
@@ -691,7 +691,7 @@ class TISDPOTrainer(Trainer):
     def create_model_card_file(self, output_dir: str) -> str:
         """Write this run's model card to `output_dir/README.md` (see `tisdpo.model_card`); returns its path."""
         args = self.args
-        if args.loss_type == "sft":
+        if args.sft_only:
             objective = "SFT"
         elif args.kl in ("tdpo1", "tdpo2"):
             objective = "TDPO"
