@@ -55,6 +55,9 @@ HONOURED = dict(
     f_alpha_divergence_coef=0.5, generate_during_eval=False, tokenization="joint", gradient_checkpointing=False,
     truncation_mode="keep_start", max_length=1024, padding_free=False, precompute_ref_log_probs=False,
     precompute_ref_batch_size=None, dataset_num_proc=None, disable_dropout=True, model_init_kwargs=None,
+    # the loss side's fields, as a TRL script sets them
+    beta=0.1, loss_type=["sigmoid"], loss_weights=[1.0], label_smoothing=0.0, ld_alpha=None, use_weighting=False,
+    discopop_tau=0.05,
 )
 REJECTED = [
     (dict(f_divergence_type="js_divergence"), "f_divergence_type"),
