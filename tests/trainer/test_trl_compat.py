@@ -326,9 +326,10 @@ def test_lora_initialisation_depends_on_args_seed_only(tok, quick_args):
     peft = pytest.importorskip("peft")
     weights = []
     for global_seed in (1, 2):
+        model = tiny_llama(len(tok))  # (seeds the global RNG itself)
         torch.manual_seed(global_seed)
         lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM")
-        trainer = TISDPOTrainer(tiny_llama(len(tok)), args=TISDPOConfig(**quick_args),
+        trainer = TISDPOTrainer(model, args=TISDPOConfig(**quick_args),
                                 train_dataset=dataset_of(synthetic_pairs(2)), processing_class=tok, peft_config=lora)
         weights.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n})
     assert weights[0] and all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
