@@ -227,13 +227,42 @@ def _gather_rows(t, index):
     return t.reshape(-1, t.shape[-1]).index_select(0, index)
 
 
+def _check_row_index(row_index, labels, hidden):
+    """The explicit-rows form: ``row_index`` ``[n]`` int32/int64 into ``hidden.reshape(-1, D)``, one per entry
+    of the 1-D ``labels`` ``[n]``. Returns a zero-copy ``[n, D]`` stand-in for ``hidden`` (its dtype, device and
+    the shape of the gathered rows) for the shared shape/dtype/label checks of ``_check_linear``."""
+    _check_float("hidden", hidden)
+    if not isinstance(row_index, torch.Tensor) or row_index.dtype not in (torch.int32, torch.int64):
+        got = getattr(row_index, "dtype", type(row_index).__name__)
+        raise TypeError(f"row_index must be an int32/int64 tensor [n], got {got}")
+    if row_index.dim() != 1:
+        raise ValueError(f"row_index must be 1-D [n], got shape {tuple(row_index.shape)}")
+    if row_index.device != hidden.device:
+        raise ValueError(f"row_index is on {row_index.device} but hidden is on {hidden.device}")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.numel() != row_index.numel():
+        raise ValueError(
+            f"with row_index, labels must be 1-D with one label per row: labels shape "
+            f"{tuple(getattr(labels, 'shape', ()))}, row_index has {row_index.numel()} entries"
+        )
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be [..., D], got shape {tuple(hidden.shape)}")
+    rows = math.prod(hidden.shape[:-1])
+    bad = (row_index < 0) | (row_index >= rows)
+    if bool(bad.any()):
+        raise ValueError(
+            f"row_index must lie in [0, {rows}) (the rows of hidden.reshape(-1, D)); found {row_index[bad][0].item()} "
+            f"({int(bad.sum())} bad entries)"
+        )
+    return hidden.reshape(-1, hidden.shape[-1])[:1].expand(row_index.numel(), -1)
+
+
 # ----------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------
 
 
 def fused_linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, backend="auto", chunk_size=None,
-                          deterministic=False, grad_filter_eps=None):
+                          deterministic=False, grad_filter_eps=None, row_index=None):
     """Per-token label log-probs without materialising the logits.
 
     Plain-torch equivalent::
@@ -241,22 +270,32 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
         logp = torch.log_softmax((hidden @ weight.T + bias).float(), -1)
         out = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != ignore_index)
 
+    With ``row_index`` the same with ``hidden`` replaced by ``hidden.reshape(-1, D)[row_index]``.
+
     Args:
         hidden: ``[..., D]`` fp16/bf16/fp32/fp64 (any leading shape, e.g. ``[B, T, D]`` or packed ``[N, D]``).
         weight: ``[V, D]``, same dtype. bias: ``[V]`` or None.
-        labels: ``[...]`` integer, ``hidden.shape[:-1]``, already aligned with ``hidden`` (no shift inside).
+        labels: ``[...]`` integer, ``hidden.shape[:-1]``, already aligned with ``hidden`` (no shift inside); with
+            ``row_index``: ``[n]``, the label of each named row.
+        row_index: ``[n]`` int32/int64 or None: explicit rows of ``hidden.reshape(-1, D)`` whose log-probs are
+            wanted (a row may appear several times, e.g. a shared prompt's last row predicting the first token of
+            two responses, see ``tisdpo.prefix``); its gradients add up.
         backend, chunk_size, deterministic, grad_filter_eps: as in :func:`fused_tis_dpo_loss`.
     Returns:
-        ``[...]`` float32 (float64 for float64 inputs), 0 at ignored positions; differentiable w.r.t.
-        hidden, weight and bias.
+        ``[...]`` (``[n]`` with ``row_index``) float32 (float64 for float64 inputs), 0 at ignored positions;
+        differentiable w.r.t. hidden, weight and bias.
     """
-    _check_linear(hidden, weight, bias, labels, ignore_index)
+    if row_index is None:
+        _check_linear(hidden, weight, bias, labels, ignore_index)
+    else:
+        _check_linear(_check_row_index(row_index, labels, hidden), weight, bias, labels, ignore_index)
     backend = _resolve_backend(backend, hidden.device)
     opts = _kernel_options(chunk_size, deterministic, grad_filter_eps)
     flat = labels.reshape(-1)
     index = (flat != ignore_index).nonzero().squeeze(1)
-    rows = _linear_logprobs_rows(backend, _gather_rows(hidden, index), weight, flat[index].to(torch.long), bias,
-                                 opts)
+    hidden_index = index if row_index is None else row_index.to(torch.long)[index]
+    rows = _linear_logprobs_rows(backend, _gather_rows(hidden, hidden_index), weight, flat[index].to(torch.long),
+                                 bias, opts)
     out = torch.zeros(flat.shape[0], dtype=rows.dtype, device=rows.device).index_copy(0, index, rows)
     return out.view(labels.shape)
 
@@ -265,7 +304,7 @@ def fused_tis_dpo_loss(
     hidden, weight, labels, *, bias=None, ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
     token_weights=None, contrastive_logps=None, weight_transform="origin", transform_kwargs=None,
     beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0, ignore_index=-100,
-    cu_seqlens=None, backend="auto", chunk_size=None, deterministic=False, grad_filter_eps=None,
+    cu_seqlens=None, backend="auto", chunk_size=None, deterministic=False, grad_filter_eps=None, row_index=None,
 ):
     """TIS-DPO / DPO / TDPO loss from last hidden states, never materialising ``[tokens, V]`` logits.
 
@@ -289,6 +328,13 @@ def fused_tis_dpo_loss(
             ``r = pos - neg`` on chosen and to ``-r`` on rejected tokens (``transform_kwargs`` override the
             transform's defaults, see ``reference.apply_weight_transform``).
         cu_seqlens: ``[2B+1]`` int32/int64 boundaries of packed sequences, chosen first then rejected.
+        row_index: explicit response rows (prefix-shared layouts, ``tisdpo.prefix``): ``[n]`` int32/int64 indices
+            into ``hidden.reshape(-1, D)`` (any leading shape), one per entry of ``labels`` ``[n]``; a row may
+            appear twice (a shared prompt's last row predicts the first chosen and the first rejected token).
+            Needs ``cu_seqlens`` ``[2B+1]``, the sequence boundaries over these ``n`` entries (chosen sequences
+            first). ``ref_hidden`` stays shaped like ``hidden`` and is gathered with the same rows; ``ref_logps``,
+            ``token_weights`` and ``contrastive_logps`` are shaped like ``labels``. The result equals the packed
+            call on ``hidden.reshape(-1, D)[row_index]``; gradients of a repeated row add up.
         backend: ``"auto"`` | ``"torch"`` | ``"triton"``. chunk_size: rows per chunk of the torch path.
         deterministic: Triton only: an atomic-free, bit-reproducible backward (about 1.3x its FLOPs); the
             torch path is always deterministic.
@@ -313,14 +359,21 @@ def fused_tis_dpo_loss(
     if label_smoothing and loss_type != "sigmoid":
         raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, got loss_type={loss_type!r}")
 
-    vocab = _check_linear(hidden, weight, bias, labels, ignore_index)
-    if cu_seqlens is None:
+    if row_index is not None:
+        vocab = _check_linear(_check_row_index(row_index, labels, hidden), weight, bias, labels, ignore_index)
+        if cu_seqlens is None:
+            raise ValueError("row_index needs cu_seqlens: the [2B+1] sequence boundaries over the rows it names")
+        _check_cu_seqlens(cu_seqlens, labels.numel())
+        cu_seqlens = cu_seqlens.to(hidden.device)
+    else:
+        vocab = _check_linear(hidden, weight, bias, labels, ignore_index)
+    if row_index is None and cu_seqlens is None:
         if hidden.dim() != 3:
             raise ValueError(f"hidden must be [2B, T, D] (or packed [N, D] with cu_seqlens), got {tuple(hidden.shape)}")
         if hidden.shape[0] % 2:
             raise ValueError(f"hidden has an odd number of rows ({hidden.shape[0]}): rows must be B chosen then "
                              "B rejected")
-    else:
+    elif row_index is None:
         if hidden.dim() != 2:
             raise ValueError(f"with cu_seqlens, hidden must be packed [N, D], got {tuple(hidden.shape)}")
         _check_cu_seqlens(cu_seqlens, hidden.shape[0])
@@ -358,11 +411,12 @@ def fused_tis_dpo_loss(
     backend = _resolve_backend(backend, hidden.device)
     opts = _kernel_options(chunk_size, deterministic, grad_filter_eps)
     rows = _response_rows(labels, cu_seqlens, ignore_index)
-    h_rows = _gather_rows(hidden, rows.index)
+    hidden_index = rows.index if row_index is None else row_index.to(torch.long)[rows.index]
+    h_rows = _gather_rows(hidden, hidden_index)
     token_kl = None
     if kl is not None:
         mode = "tis" if kl == "tisdpo" else "tdpo"
-        ref_rows = _gather_rows(ref_hidden.detach(), rows.index)
+        ref_rows = _gather_rows(ref_hidden.detach(), hidden_index)
         logps, lpref, token_kl = _linear_kl_rows(
             backend, h_rows, weight, rows.labels, ref_rows, ref_weight.detach(), mode, bias,
             None if ref_bias is None else ref_bias.detach(), opts)
@@ -372,7 +426,7 @@ def fused_tis_dpo_loss(
             lpref = ref_logps.reshape(-1)[rows.index].to(logps.dtype)
         else:
             with torch.no_grad():
-                lpref = _linear_logprobs_rows(backend, _gather_rows(ref_hidden, rows.index), ref_weight,
+                lpref = _linear_logprobs_rows(backend, _gather_rows(ref_hidden, hidden_index), ref_weight,
                                               rows.labels, ref_bias, opts)
     w = None if token_weights is None else token_weights.reshape(-1)[rows.index].to(logps.dtype).detach()
     contrastive = None
