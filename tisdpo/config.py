@@ -6,8 +6,8 @@ follow TRL's `DPOConfig` names wherever the meaning is the same (`beta`, `loss_t
 `max_length`, `max_prompt_length`, `max_completion_length`, `truncation_mode`, `padding_free`,
 `precompute_ref_log_probs`, `precompute_ref_batch_size`, `model_init_kwargs`, `ref_model_init_kwargs`,
 `disable_dropout`, `dataset_num_proc`); the rest are ours (`alpha`, `kl`, `weight_transform`,
-`weight_transform_kwargs`, `reverse_preferences`, `ref_logps_cache_dir`, `loss_backend`, `loss_chunk_size`,
-`liger_model_patches`).
+`weight_transform_kwargs`, `reverse_preferences`, `prefix_sharing`, `ref_logps_cache_dir`, `loss_backend`,
+`loss_chunk_size`, `liger_model_patches`).
 
 Two defaults differ from `TrainingArguments` on purpose:
 
@@ -158,6 +158,18 @@ class TISDPOConfig(TrainingArguments):
             "const": True,
         },
     )
+    prefix_sharing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Run each pair as one [prompt | chosen | rejected] row, the prompt once (P+C+R tokens instead of "
+            "2P+C+R; tisdpo.prefix): rejected positions restart at the prompt's end and a custom mask keeps the "
+            "responses apart. None: on with flex_attention (a block-sparse FlexAttention mask; train on CUDA, "
+            "FlexAttention has no backward on CPU), off otherwise. True also runs it with sdpa/eager through a dense "
+            "4-D [rows, 1, T, T] mask (exact; pays for long prompts). Not for flash attention or loss_type='sft'.",
+            "nargs": "?",
+            "const": True,
+        },
+    )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset tokenisation."})
 
     # --- reference model ---
@@ -220,6 +232,9 @@ class TISDPOConfig(TrainingArguments):
                 f"`kl={self.kl!r}` needs the reference model's full distribution on the fly; it cannot be combined "
                 "with `precompute_ref_log_probs=True`"
             )
+        if self.prefix_sharing and self.loss_type == "sft":
+            raise ValueError("`prefix_sharing=True` needs chosen and rejected responses; loss_type='sft' uses only the "
+                             "chosen ones")
         # raises a ValueError naming weight_transform / transform_kwargs on an unknown name or key
         transform_params(self.weight_transform, self.weight_transform_kwargs)
         if self.truncation_mode not in TRUNCATION_MODES:

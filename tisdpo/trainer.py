@@ -48,6 +48,7 @@ from .data import (
     prepare_preference_dataset,
     split_responses,
 )
+from .prefix import PREFIX_DOC_IDS, PrefixSharedCollator, check_attention, prefix_model_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,22 @@ def _lm_head(model: nn.Module) -> nn.Module:
             "[V, D] weight. Train with DDP (or keep the LM head unsharded)."
         )
     return head
+
+
+def _resolve_prefix_sharing(args: TISDPOConfig, model: nn.Module, ref_model: nn.Module | None) -> bool:
+    """`args.prefix_sharing` resolved (None: on with flex_attention, where the block mask makes it pay), checked
+    against the attention implementations of both models; logs which attention path runs."""
+    attn = _attn_implementation(model)
+    enabled = args.prefix_sharing if args.prefix_sharing is not None else (
+        attn == "flex_attention" and args.loss_type != "sft")
+    if not enabled:
+        return False
+    how = check_attention(attn, "model")
+    if ref_model is not None:
+        check_attention(_attn_implementation(ref_model), "ref_model")
+    logger.info("Prefix sharing: one [prompt | chosen | rejected] row per pair, the prompt run once; attention: %s.",
+                how)
+    return True
 
 
 def _chosen_half(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -278,6 +295,7 @@ class TISDPOTrainer(Trainer):
                 f"({PACKING_ATTENTION}); the model uses {attn!r}"
             )
         self.padding_free = args.padding_free if args.padding_free is not None else attn in EFFICIENT_PACKING_ATTENTION
+        self.prefix_sharing = _resolve_prefix_sharing(args, model, ref_model)
 
         def tokenize(dataset, name):
             return _tokenize(dataset, name, processing_class, args)
@@ -286,7 +304,8 @@ class TISDPOTrainer(Trainer):
             train_dataset = _map_datasets(train_dataset, "train", tokenize)
             eval_dataset = _map_datasets(eval_dataset, "eval", tokenize)
 
-        collator = PreferenceCollator(pad_token_id=processing_class.pad_token_id, padding_free=self.padding_free)
+        collator_class = PrefixSharedCollator if self.prefix_sharing else PreferenceCollator
+        collator = collator_class(pad_token_id=processing_class.pad_token_id, padding_free=self.padding_free)
         super().__init__(
             model=model,
             args=args,
@@ -341,11 +360,15 @@ class TISDPOTrainer(Trainer):
         def keep(_module, _args, output):
             captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
-        kwargs = {"input_ids": inputs["input_ids"]}
-        if "attention_mask" in inputs:
-            kwargs["attention_mask"] = inputs["attention_mask"]
-        if "position_ids" in inputs:
-            kwargs["position_ids"] = inputs["position_ids"]
+        if PREFIX_DOC_IDS in inputs:  # [prompt | chosen | rejected] rows: the 4-D mask (or block mask) of tisdpo.prefix
+            kwargs = prefix_model_inputs(inputs, _attn_implementation(decoder),
+                                         decoder.get_input_embeddings().weight.dtype)
+        else:
+            kwargs = {"input_ids": inputs["input_ids"]}
+            if "attention_mask" in inputs:
+                kwargs["attention_mask"] = inputs["attention_mask"]
+            if "position_ids" in inputs:
+                kwargs["position_ids"] = inputs["position_ids"]
         no_positions = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
         handle = decoder.register_forward_hook(keep)
         try:
@@ -420,6 +443,7 @@ class TISDPOTrainer(Trainer):
             inputs["labels"].reshape(-1),
             bias=head.bias,
             cu_seqlens=inputs["cu_seqlens"],
+            row_index=inputs.get("row_index"),
             beta=args.beta,
             alpha=args.alpha,
             kl=args.kl,
@@ -564,7 +588,8 @@ class TISDPOTrainer(Trainer):
                     labels = batch["labels"].reshape(-1)
                     logps = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels,
                                                   bias=head.bias, ignore_index=IGNORE_INDEX,
-                                                  backend=self.args.loss_backend, chunk_size=self.args.loss_chunk_size)
+                                                  backend=self.args.loss_backend, chunk_size=self.args.loss_chunk_size,
+                                                  row_index=batch.get("row_index"))
                     sequences = split_responses(logps, labels, batch["cu_seqlens"])
                     pairs = len(sequences) // 2
                     for s, values in enumerate(sequences):
