@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         losses[(r["prompt"], r["response"])].append(r["loss"])
     header = (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads; model {MODEL}; losses per case (unshared, shared): "
+              f"{args.threads} thread(s); model {MODEL}; losses per case (unshared, shared): "
               f"{ {k: [round(x, 6) for x in v] for k, v in losses.items()} }")
     print(header)
     print(table(results))
