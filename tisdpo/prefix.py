@@ -87,7 +87,9 @@ def block_mask(doc_ids: torch.Tensor, parts: torch.Tensor):
     def mask_mod(b, h, q, k):
         return allowed(doc_ids, parts, b, q, k)
 
-    return create_block_mask(mask_mod, rows, None, width, width, device=doc_ids.device)
+    # compiled on CUDA (as transformers builds its own block masks): the eager construction evaluates `mask_mod` on
+    # the whole [T, T] grid at once; on CPU (forward only, no FlexAttention backward there) eager is quicker
+    return create_block_mask(mask_mod, rows, None, width, width, device=doc_ids.device, _compile=doc_ids.is_cuda)
 
 
 def prefix_model_inputs(batch: dict[str, torch.Tensor], attn_implementation: str,
