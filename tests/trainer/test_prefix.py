@@ -138,6 +138,9 @@ STEP_CASES = {
     "keep_end-packed-tisdpo": dict(data="hh", kl="tisdpo", max_length=20, truncation_mode="keep_end",
                                    padding_free=True),
     "chat-multiturn-packed-ipo": dict(data="chat", weights=True, padding_free=True, loss_type="ipo"),
+    "packed-rpo-ld-dpo-weights": dict(data="hh", weights=True, padding_free=True, loss_type=["sigmoid", "sft"],
+                                      loss_weights=[1.0, 0.5], ld_alpha=0.5),
+    "padded-sigmoid-norm-wpo": dict(data="synthetic", loss_type="sigmoid_norm", use_weighting=True),
     "float64-padded-tdpo2-weights": dict(data="synthetic", weights=True, kl="tdpo2", dtype=torch.float64),
 }
 
