@@ -153,11 +153,25 @@ def _records(name):
 def test_step_equals_unshared(tok, quick_args, case):
     """compute_loss + backward with prefix_sharing=True equals prefix_sharing=False: loss, every metric and the
     gradient of every parameter (float32 bound: module docstring; float64: see below)."""
-    options = dict(STEP_CASES[case])
+    _check_step(tok, quick_args, case, STEP_CASES[case])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_flex_step_equals_unshared_on_cuda(tok, quick_args, padding_free):
+    """On CUDA with flex_attention (the block mask, FlexAttention's backward): as test_step_equals_unshared."""
+    _check_step(tok, dict(quick_args, use_cpu=False), f"flex-cuda-packed={padding_free}",
+                dict(data="hh", weights=True, kl="tisdpo", attn="flex_attention", device="cuda",
+                     padding_free=padding_free, weight_transform="threshold_and_scale"))
+
+
+def _check_step(tok, quick_args, case, options):
+    options = dict(options)
     data, weights = options.pop("data"), options.pop("weights", False)
     attn, dtype = options.pop("attn", "sdpa"), options.pop("dtype", torch.float32)
-    policy = tiny_llama(len(tok), seed=0, attn_implementation=attn).to(dtype)
-    ref = tiny_llama(len(tok), seed=1, attn_implementation=attn).to(dtype)
+    device = options.pop("device", "cpu")
+    policy = tiny_llama(len(tok), seed=0, attn_implementation=attn).to(device, dtype)
+    ref = tiny_llama(len(tok), seed=1, attn_implementation=attn).to(device, dtype)
     records = _records(data)
     ds = dataset_of(_with_weights(records, tok) if weights else records)
     results = []
@@ -166,6 +180,7 @@ def test_step_equals_unshared(tok, quick_args, case):
         trainer = TISDPOTrainer(policy, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
         assert trainer.prefix_sharing is sharing
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+        batch = {k: v.to(device) for k, v in batch.items()}
         assert ("row_index" in batch) is sharing
         policy.zero_grad()
         loss, metrics = trainer.compute_loss(policy, batch, return_outputs=True)
