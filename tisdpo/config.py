@@ -32,6 +32,8 @@ from tisdpo_kernels.reference import ELEMENTWISE_TRANSFORMS, KL_MODES, transform
 from tisdpo_kernels.reference import LOSS_TYPES as PAIR_LOSS_TYPES
 
 LOSS_TYPES = (*PAIR_LOSS_TYPES, "sft")
+# need a whole response: the trainer applies them to the tokenised weight columns (tisdpo.weights), not in the loss
+PER_RESPONSE_TRANSFORMS = ("rank_based", "binary", "random")
 KL_VARIANTS = tuple(mode for mode in KL_MODES if mode is not None)
 TRUNCATION_MODES = ("keep_end", "keep_start")
 # transformers 5.x renamed `gradient_checkpointing` to `activation_checkpointing` (the old name became an alias)
@@ -110,8 +112,10 @@ class TISDPOConfig(TrainingArguments):
         metadata={
             "help": "Elementwise transform T applied to the token-weight columns (w = T(x)): 'origin' (identity), "
             "'threshold' (clip to [-1, 1]), 'threshold_and_scale' (clip to [-1.5, 1.5], map to [0.7, 1.3]), "
-            "'exp_clamp' (k * exp(mu * clamp(x, lower, upper))).",
-            "choices": list(ELEMENTWISE_TRANSFORMS),
+            "'exp_clamp' (k * exp(mu * clamp(x, lower, upper))); per response, applied to the tokenised (truncated) "
+            "responses before training: 'rank_based' (rank mapped onto [0.7, 1.3]), 'binary' (1 for the top half, "
+            "else 0), 'random' (uniform [0.7, 1.3], seeded); see tisdpo.weights.",
+            "choices": [*ELEMENTWISE_TRANSFORMS, *PER_RESPONSE_TRANSFORMS],
         },
     )
     weight_transform_kwargs: dict[str, Any] | str | None = field(
@@ -221,7 +225,12 @@ class TISDPOConfig(TrainingArguments):
                 "with `precompute_ref_log_probs=True`"
             )
         # raises a ValueError naming weight_transform / transform_kwargs on an unknown name or key
-        transform_params(self.weight_transform, self.weight_transform_kwargs)
+        if self.weight_transform in PER_RESPONSE_TRANSFORMS:
+            from .weights import transform_params as response_transform_params
+
+            response_transform_params(self.weight_transform, self.weight_transform_kwargs)
+        else:
+            transform_params(self.weight_transform, self.weight_transform_kwargs)
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(f"`truncation_mode` must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
         if self.loss_backend not in LOSS_BACKENDS:
