@@ -225,6 +225,9 @@ class TISDPOConfig(TrainingArguments):
                 "with `precompute_ref_log_probs=True`"
             )
         # raises a ValueError naming weight_transform / transform_kwargs on an unknown name or key
+        known = (*ELEMENTWISE_TRANSFORMS, *PER_RESPONSE_TRANSFORMS)
+        if self.weight_transform not in known:
+            raise ValueError(f"`weight_transform` must be one of {known}, got {self.weight_transform!r}")
         if self.weight_transform in PER_RESPONSE_TRANSFORMS:
             from .weights import transform_params as response_transform_params
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import transformers
 
-from tests.trainer.tiny import dataset_of, tiny_llama
+from tests.trainer.tiny import dataset_of, no_checkpointing, tiny_llama
 from tisdpo import TISDPOConfig, TISDPOTrainer, cli
 from tisdpo.data import prepare_preference_dataset
 from tisdpo.validation import InputError, resolve_resume_from_checkpoint
@@ -256,8 +256,10 @@ def test_cli_resumes_from_the_last_checkpoint(tok, tmp_path):
     tiny_llama(len(tok)).save_pretrained(model)
     tok.save_pretrained(model)
     data = _write_lines(tmp_path / "data.jsonl", [json.dumps(r) for r in _weighted(tok, 8)])
+    checkpointing = next(iter(no_checkpointing()))
     common = _train_argv(str(model), data, tmp_path, "--per_device_train_batch_size", "2", "--save_strategy",
-                         "steps", "--save_steps", "1", "--logging_steps", "1", "--disable_tqdm", "true", "--activation_checkpointing", "false")
+                         "steps", "--save_steps", "1", "--logging_steps", "1", "--disable_tqdm", "true",
+                         f"--{checkpointing}", "false")
     assert cli.main([*common, "--max_steps", "2"]) == 0
     assert cli.main([*common, "--max_steps", "3", "--resume_from_checkpoint", "true"]) == 0
     with open(tmp_path / "out" / "trainer_state.json") as f:

@@ -46,7 +46,7 @@ def test_dtype_resolution_and_json_kwargs(tmp_path):
         (dict(kl="forward"), "kl"),
         (dict(kl="tisdpo", loss_type="sft"), "sft"),
         (dict(kl="tdpo1", precompute_ref_log_probs=True), "precompute_ref_log_probs"),
-        (dict(weight_transform="rank"), "weight transform"),
+        (dict(weight_transform="rank"), "weight_transform"),
         (dict(weight_transform="binary", weight_transform_kwargs={"top_fraction": 2.0}), "top_fraction"),
         (dict(weight_transform="exp_clamp", weight_transform_kwargs={"sigma": 1.0}), "transform_kwargs"),
         (dict(truncation_mode="middle"), "truncation_mode"),
