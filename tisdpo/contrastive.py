@@ -102,8 +102,9 @@ def train_contrastive_models(
         train_dataset = train_dataset.remove_columns(weight_columns)
     trained = []
     for k, (side, run_args) in enumerate((("pi_plus", plus_args), ("pi_minus", minus_args)), start=1):
+        loss_type = run_args.loss_type if isinstance(run_args.loss_type, str) else ",".join(run_args.loss_type)
         logger.info("Method %s, training %d of 2: %s (loss_type=%s, reverse_preferences=%s) -> %s", method, k, side,
-                    run_args.loss_type, run_args.reverse_preferences, run_args.output_dir)
+                    loss_type, run_args.reverse_preferences, run_args.output_dir)
         start = copy.deepcopy(model) if isinstance(model, nn.Module) else model
         trainer = TISDPOTrainer(model=start, ref_model=ref_model, args=run_args, train_dataset=train_dataset,
                                 processing_class=processing_class)
