@@ -344,6 +344,10 @@ def fused_tis_dpo_loss(
         ``logps/{chosen,rejected}`` (summed, unweighted), ``logps/{chosen,rejected}_weighted``,
         ``weights/{chosen,rejected}_mean`` (these include the ``ld_alpha`` weights), with a KL variant
         ``kl/{chosen,rejected}`` and with ``use_weighting`` ``weights/wpo_pair_mean``.
+    Raises:
+        ``ValueError`` naming the argument for bad input, including a NaN/inf in ``hidden`` (response rows),
+        ``weight``, ``bias`` or their ``ref_`` twins, found when the loss or a per-sequence sum is not finite
+        (one host sync per call), and a ``weight_transform`` / ``transform_kwargs`` without ``contrastive_logps``.
     """
     if kl not in KL_MODES:
         raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
