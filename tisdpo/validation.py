@@ -201,7 +201,8 @@ def check_model_path(value: str | None, option: str) -> None:
     if value is None:
         return
     if os.path.isdir(value):
-        if not any(os.path.exists(os.path.join(value, f)) for f in ("config.json", "adapter_config.json", "tokenizer_config.json")):
+        saved = ("config.json", "adapter_config.json", "tokenizer_config.json")
+        if not any(os.path.exists(os.path.join(value, f)) for f in saved):
             raise InputError(f"{option}: {value!r} is a directory without config.json (not a saved model)")
         return
     if os.path.exists(value):
