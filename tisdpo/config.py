@@ -34,6 +34,8 @@ from tisdpo_kernels.loss import BACKENDS as LOSS_BACKENDS
 from tisdpo_kernels.objectives import LOSS_TYPES, SMOOTHED_LOSS_TYPES, check_ld_alpha, loss_terms
 from tisdpo_kernels.reference import ELEMENTWISE_TRANSFORMS, KL_MODES, transform_params
 
+# need a whole response: the trainer applies them to the tokenised weight columns (tisdpo.weights), not in the loss
+PER_RESPONSE_TRANSFORMS = ("rank_based", "binary", "random")
 KL_VARIANTS = tuple(mode for mode in KL_MODES if mode is not None)
 TRUNCATION_MODES = ("keep_end", "keep_start")
 # transformers 5.x renamed `gradient_checkpointing` to `activation_checkpointing` (the old name became an alias)
@@ -157,8 +159,10 @@ class TISDPOConfig(TrainingArguments):
         metadata={
             "help": "Elementwise transform T applied to the token-weight columns (w = T(x)): 'origin' (identity), "
             "'threshold' (clip to [-1, 1]), 'threshold_and_scale' (clip to [-1.5, 1.5], map to [0.7, 1.3]), "
-            "'exp_clamp' (k * exp(mu * clamp(x, lower, upper))).",
-            "choices": list(ELEMENTWISE_TRANSFORMS),
+            "'exp_clamp' (k * exp(mu * clamp(x, lower, upper))); per response, applied to the tokenised (truncated) "
+            "responses before training: 'rank_based' (rank mapped onto [0.7, 1.3]), 'binary' (1 for the top half, "
+            "else 0), 'random' (uniform [0.7, 1.3], seeded); see tisdpo.weights.",
+            "choices": [*ELEMENTWISE_TRANSFORMS, *PER_RESPONSE_TRANSFORMS],
         },
     )
     weight_transform_kwargs: dict[str, Any] | str | None = field(
@@ -291,7 +295,15 @@ class TISDPOConfig(TrainingArguments):
             raise ValueError("`prefix_sharing=True` needs chosen and rejected responses; loss_type='sft' uses only the "
                              "chosen ones")
         # raises a ValueError naming weight_transform / transform_kwargs on an unknown name or key
-        transform_params(self.weight_transform, self.weight_transform_kwargs)
+        known = (*ELEMENTWISE_TRANSFORMS, *PER_RESPONSE_TRANSFORMS)
+        if self.weight_transform not in known:
+            raise ValueError(f"`weight_transform` must be one of {known}, got {self.weight_transform!r}")
+        if self.weight_transform in PER_RESPONSE_TRANSFORMS:
+            from .weights import transform_params as response_transform_params
+
+            response_transform_params(self.weight_transform, self.weight_transform_kwargs)
+        else:
+            transform_params(self.weight_transform, self.weight_transform_kwargs)
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(f"`truncation_mode` must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
         if self.loss_backend not in LOSS_BACKENDS:

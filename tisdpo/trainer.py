@@ -30,14 +30,16 @@ import pyarrow.compute as pc
 import torch
 from accelerate import PartialState
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
 
 from tisdpo_kernels import fused_linear_logprobs, fused_tis_dpo_loss
 from tisdpo_kernels.reference import apply_weight_transform
 
-from .config import TISDPOConfig
+from .config import PER_RESPONSE_TRANSFORMS, TISDPOConfig
 from .data import (
     CHOSEN_IDS,
+    CHOSEN_WEIGHTS,
     IGNORE_INDEX,
     PROMPT_IDS,
     REF_CHOSEN_LOGPS,
@@ -188,7 +190,8 @@ def dataset_fingerprint(dataset: datasets.Dataset) -> str:
 
 
 def _tokenize(dataset: datasets.Dataset, name: str, tokenizer, args: TISDPOConfig) -> datasets.Dataset:
-    return prepare_preference_dataset(
+    """Tokenised `dataset`; a per-response `weight_transform` turns its weight columns into final weights here."""
+    tokenized = prepare_preference_dataset(
         dataset,
         tokenizer,
         max_length=args.max_length,
@@ -199,6 +202,12 @@ def _tokenize(dataset: datasets.Dataset, name: str, tokenizer, args: TISDPOConfi
         num_proc=args.dataset_num_proc,
         name=name,
     )
+    if args.weight_transform in PER_RESPONSE_TRANSFORMS and CHOSEN_WEIGHTS in tokenized.column_names:
+        from .weights import transform_token_weights
+
+        tokenized = transform_token_weights(tokenized, args.weight_transform, args.weight_transform_kwargs,
+                                            num_proc=args.dataset_num_proc)
+    return tokenized
 
 
 def _map_datasets(dataset, name: str, func):
@@ -434,9 +443,12 @@ class TISDPOTrainer(Trainer):
             # the transform runs in the loss's compute precision (float64 for float64 models, float32 otherwise)
             compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
             raw = inputs["token_weights"].reshape(-1).to(compute_dtype)
-            tensors["token_weights"] = apply_weight_transform(
-                raw, args.weight_transform, **(args.weight_transform_kwargs or {})
-            )
+            if args.weight_transform in PER_RESPONSE_TRANSFORMS:  # applied to the columns at tokenisation
+                tensors["token_weights"] = raw
+            else:
+                tensors["token_weights"] = apply_weight_transform(
+                    raw, args.weight_transform, **(args.weight_transform_kwargs or {})
+                )
         return fused_tis_dpo_loss(
             hidden.reshape(-1, dim),
             head.weight,
@@ -579,9 +591,13 @@ class TISDPOTrainer(Trainer):
         source.eval()
         adapter_off = source.disable_adapter() if _is_peft_model(source) else contextlib.nullcontext()
         out: dict[str, list] = {c: [] for c in (REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS)}
+        logger.info("Precomputing reference log-probs for %d %s pairs (%d per batch) on %s.", len(dataset), name,
+                    batch_size, device)
+        progress = tqdm(loader, desc=f"Reference log-probs ({name})", unit="batch",
+                        disable=self.args.disable_tqdm or not self.accelerator.is_local_main_process)
         try:
             with adapter_off:
-                for batch in loader:
+                for batch in progress:
                     batch = {k: v.to(device) for k, v in batch.items()}
                     hidden = self._hidden_states(source, batch)
                     head = _lm_head(source)

@@ -55,13 +55,13 @@ from tisdpo_kernels import fused_linear_logprobs
 from tisdpo_kernels.reference import ELEMENTWISE_TRANSFORMS, apply_weight_transform
 from tisdpo_kernels.reference import transform_params as _elementwise_params
 
+from .config import PER_RESPONSE_TRANSFORMS
 from .data import PreferenceCollator, extract_prompt, is_conversational, split_responses, tokenize_row
 from .prefix import PREFIX_DOC_IDS, PrefixSharedCollator, check_attention, prefix_model_inputs
 from .trainer import EFFICIENT_PACKING_ATTENTION, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
-PER_RESPONSE_TRANSFORMS = ("rank_based", "binary", "random")
 WEIGHT_TRANSFORMS = ELEMENTWISE_TRANSFORMS + PER_RESPONSE_TRANSFORMS
 _PER_RESPONSE_DEFAULTS = {
     "rank_based": {"min_weight": 0.7, "max_weight": 1.3},

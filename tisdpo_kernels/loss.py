@@ -203,6 +203,29 @@ def _check_cu_seqlens(cu_seqlens, n_tokens):
         )
 
 
+def _check_finite_result(result, inputs):
+    """One rule for non-finite inputs the forward reads whole (hidden, weight, bias and their reference twins):
+    instead of scanning each input on every call, check the (small) result for NaN/inf -- ``result`` holds the
+    loss and the per-sequence sums, or the per-token log-probs -- and only when it is not finite look for the
+    input to blame. Cost per call: one reduction over the result and one host sync (``bool``), which waits for
+    the forward kernels to finish before the backward is queued; the input scans run only on the error path.
+    ``inputs``: ``(name, tensor, or a function returning one, or None)`` pairs, hidden rows restricted to the
+    response rows."""
+    if bool(torch.isfinite(result).all()):
+        return
+    for name, t in inputs:
+        t = t() if callable(t) else t
+        if t is not None:
+            bad = ~torch.isfinite(t.detach()).reshape(t.shape[0], -1).all(dim=1) if t.dim() else ~torch.isfinite(t)
+            if bool(bad.any()):
+                where = "response rows" if name.endswith("hidden") else "rows"
+                raise ValueError(f"{name} has non-finite values (NaN/inf): {int(bad.sum())} of {bad.numel()} "
+                                 f"{where}, so the loss would be NaN/inf")
+    names = ", ".join(name for name, t in inputs if t is not None)
+    raise ValueError(f"the loss is not finite although every input ({names}) is: the values overflow in the "
+                     "computation (e.g. hidden states or logits too large for the dtype)")
+
+
 @dataclass(frozen=True)
 class _Rows:
     """The response rows of a batch, flattened: index into the flattened batch and sequence ids."""
@@ -299,8 +322,9 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
     flat = labels.reshape(-1)
     index = (flat != ignore_index).nonzero().squeeze(1)
     hidden_index = index if row_index is None else row_index.to(torch.long)[index]
-    rows = _linear_logprobs_rows(backend, _gather_rows(hidden, hidden_index), weight, flat[index].to(torch.long),
-                                 bias, opts)
+    h_rows = _gather_rows(hidden, hidden_index)
+    rows = _linear_logprobs_rows(backend, h_rows, weight, flat[index].to(torch.long), bias, opts)
+    _check_finite_result(rows.detach(), (("hidden", h_rows), ("weight", weight), ("bias", bias)))
     out = torch.zeros(flat.shape[0], dtype=rows.dtype, device=rows.device).index_copy(0, index, rows)
     return out.view(labels.shape)
 
@@ -366,6 +390,10 @@ def fused_tis_dpo_loss(
         ``logps/{chosen,rejected}`` (summed, unweighted), ``logps/{chosen,rejected}_weighted``,
         ``weights/{chosen,rejected}_mean`` (these include the ``ld_alpha`` weights), with a KL variant
         ``kl/{chosen,rejected}`` and with ``use_weighting`` ``weights/wpo_pair_mean``.
+    Raises:
+        ``ValueError`` naming the argument for bad input, including a NaN/inf in ``hidden`` (response rows),
+        ``weight``, ``bias`` or their ``ref_`` twins, found when the loss or a per-sequence sum is not finite
+        (one host sync per call), and a ``weight_transform`` / ``transform_kwargs`` without ``contrastive_logps``.
     """
     if kl not in KL_MODES:
         raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
@@ -387,6 +415,8 @@ def fused_tis_dpo_loss(
     if row_index is None and cu_seqlens is None:
         if hidden.dim() != 3:
             raise ValueError(f"hidden must be [2B, T, D] (or packed [N, D] with cu_seqlens), got {tuple(hidden.shape)}")
+        if hidden.shape[0] == 0:
+            raise ValueError("hidden has no rows: a padded batch needs at least one pair (B chosen then B rejected)")
         if hidden.shape[0] % 2:
             raise ValueError(f"hidden has an odd number of rows ({hidden.shape[0]}): rows must be B chosen then "
                              "B rejected")
@@ -423,7 +453,14 @@ def fused_tis_dpo_loss(
             raise TypeError("contrastive_logps must be a pair (pos_logps, neg_logps)")
         for name, t in zip(("contrastive_logps[0]", "contrastive_logps[1]"), contrastive_logps, strict=True):
             _check_token_tensor(name, t, labels.shape, valid)
-        transform_params(weight_transform, transform_kwargs)
+    transform_params(weight_transform, transform_kwargs)  # an unknown name or key is an error whatever the weights
+    if contrastive_logps is None and (weight_transform != "origin" or transform_kwargs):
+        given = "token_weights, which are used as given" if token_weights is not None else "no weights (DPO)"
+        raise ValueError(
+            f"weight_transform={weight_transform!r} / transform_kwargs apply to contrastive_logps only, but the call "
+            f"passes {given}; transform token weights before the call (tisdpo_kernels.reference."
+            "apply_weight_transform) or leave weight_transform='origin'"
+        )
 
     backend = _resolve_backend(backend, hidden.device)
     if use_weighting and backend == "triton":
@@ -466,8 +503,14 @@ def fused_tis_dpo_loss(
         w = ld if w is None else w * ld
     sums = _sequence_sums(backend, logps, lpref.detach(), w, contrastive, weight_transform, transform_kwargs,
                           rows, token_kl, kl, collision)
-    return pair_objective(sums, beta=beta, alpha=alpha, kl=kl, loss_type=loss_type, label_smoothing=label_smoothing,
-                          loss_weights=loss_weights, discopop_tau=discopop_tau, use_weighting=use_weighting)
+    loss, metrics = pair_objective(sums, beta=beta, alpha=alpha, kl=kl, loss_type=loss_type,
+                                   label_smoothing=label_smoothing, loss_weights=loss_weights,
+                                   discopop_tau=discopop_tau, use_weighting=use_weighting)
+    ref_rows = None if ref_hidden is None else (lambda: _gather_rows(ref_hidden, hidden_index))
+    _check_finite_result(torch.cat([loss.detach().reshape(1), sums.M.detach(), sums.LP.detach(), sums.K.detach()]),
+                         (("hidden", h_rows), ("weight", weight), ("bias", bias), ("ref_hidden", ref_rows),
+                          ("ref_weight", ref_weight), ("ref_bias", ref_bias)))
+    return loss, metrics
 
 
 class FusedTISDPOLoss(torch.nn.Module):
