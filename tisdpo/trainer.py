@@ -36,14 +36,16 @@ import pyarrow.compute as pc
 import torch
 from accelerate import PartialState
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments, set_seed
 
 from tisdpo_kernels import fused_linear_logprobs, fused_tis_dpo_loss
 from tisdpo_kernels.reference import apply_weight_transform
 
-from .config import TISDPOConfig
+from .config import PER_RESPONSE_TRANSFORMS, TISDPOConfig
 from .data import (
     CHOSEN_IDS,
+    CHOSEN_WEIGHTS,
     IGNORE_INDEX,
     PROMPT_IDS,
     REF_CHOSEN_LOGPS,
@@ -56,6 +58,7 @@ from .data import (
 )
 from .model_card import write_model_card
 from .offload import offload_activations
+from .prefix import PREFIX_DOC_IDS, PrefixSharedCollator, check_attention, prefix_model_inputs
 from .trl_compat import SyncRefModelCallback, TRLFeatureAliases, check_syncable, normalize_batch
 
 logger = logging.getLogger(__name__)
@@ -128,6 +131,22 @@ def _lm_head(model: nn.Module) -> nn.Module:
     return head
 
 
+def _resolve_prefix_sharing(args: TISDPOConfig, model: nn.Module, ref_model: nn.Module | None) -> bool:
+    """`args.prefix_sharing` resolved (None: on with flex_attention, where the block mask makes it pay), checked
+    against the attention implementations of both models; logs which attention path runs."""
+    attn = _attn_implementation(model)
+    enabled = args.prefix_sharing if args.prefix_sharing is not None else (
+        attn == "flex_attention" and not args.sft_only)
+    if not enabled:
+        return False
+    how = check_attention(attn, "model")
+    if ref_model is not None:
+        check_attention(_attn_implementation(ref_model), "ref_model")
+    logger.info("Prefix sharing: one [prompt | chosen | rejected] row per pair, the prompt run once; attention: %s.",
+                how)
+    return True
+
+
 def _chosen_half(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The chosen sequences of a collated batch (the first B of 2B), in the same layout."""
     cu = inputs["cu_seqlens"]
@@ -181,12 +200,13 @@ def dataset_fingerprint(dataset: datasets.Dataset) -> str:
 
 
 def _tokenize(dataset: datasets.Dataset, name: str, tokenizer, args: TISDPOConfig) -> datasets.Dataset:
+    """Tokenised `dataset`; a per-response `weight_transform` turns its weight columns into final weights here."""
     if isinstance(dataset, datasets.IterableDataset) and args.precompute_ref_log_probs and not args.sft_only:
         raise ValueError(
             f"`precompute_ref_log_probs=True` needs a map-style `{name}_dataset` (a datasets.Dataset); an "
             "IterableDataset is read once, lazily. Set precompute_ref_log_probs=False."
         )
-    return prepare_preference_dataset(
+    tokenized = prepare_preference_dataset(
         dataset,
         tokenizer,
         max_length=args.max_length,
@@ -198,6 +218,12 @@ def _tokenize(dataset: datasets.Dataset, name: str, tokenizer, args: TISDPOConfi
         name=name,
         tokenization=args.tokenization,
     )
+    if args.weight_transform in PER_RESPONSE_TRANSFORMS and CHOSEN_WEIGHTS in tokenized.column_names:
+        from .weights import transform_token_weights
+
+        tokenized = transform_token_weights(tokenized, args.weight_transform, args.weight_transform_kwargs,
+                                            num_proc=args.dataset_num_proc)
+    return tokenized
 
 
 def _is_moe(model: nn.Module) -> bool:
@@ -357,6 +383,7 @@ class TISDPOTrainer(Trainer):
                 f"({PACKING_ATTENTION}); the model uses {attn!r}"
             )
         self.padding_free = args.padding_free if args.padding_free is not None else attn in EFFICIENT_PACKING_ATTENTION
+        self.prefix_sharing = _resolve_prefix_sharing(args, model, ref_model)
 
         def tokenize(dataset, name):
             return _tokenize(dataset, name, processing_class, args)
@@ -369,9 +396,15 @@ class TISDPOTrainer(Trainer):
             logger.warning("An IterableDataset is read by every process: `dispatch_batches` is set to False.")
         if isinstance(train_dataset, datasets.IterableDataset):
             args.accelerator_config.dispatch_batches = False
-        self._preference_collator = PreferenceCollator(pad_token_id=processing_class.pad_token_id,
-                                                       padding_free=self.padding_free,
-                                                       pad_to_multiple_of=args.pad_to_multiple_of)
+        if self.prefix_sharing:
+            if args.pad_to_multiple_of is not None:
+                raise ValueError("`pad_to_multiple_of` is not supported with prefix sharing; set it to None")
+            self._preference_collator = PrefixSharedCollator(pad_token_id=processing_class.pad_token_id,
+                                                             padding_free=self.padding_free)
+        else:
+            self._preference_collator = PreferenceCollator(pad_token_id=processing_class.pad_token_id,
+                                                           padding_free=self.padding_free,
+                                                           pad_to_multiple_of=args.pad_to_multiple_of)
         collator = self._preference_collator if data_collator is None else TRLFeatureAliases(data_collator)
         super().__init__(
             model=model,
@@ -493,11 +526,15 @@ class TISDPOTrainer(Trainer):
         def keep(_module, _args, output):
             captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
-        kwargs = {"input_ids": inputs["input_ids"]}
-        if "attention_mask" in inputs:
-            kwargs["attention_mask"] = inputs["attention_mask"]
-        if "position_ids" in inputs:
-            kwargs["position_ids"] = inputs["position_ids"]
+        if PREFIX_DOC_IDS in inputs:  # [prompt | chosen | rejected] rows: the 4-D mask (or block mask) of tisdpo.prefix
+            kwargs = prefix_model_inputs(inputs, _attn_implementation(decoder),
+                                         decoder.get_input_embeddings().weight.dtype)
+        else:
+            kwargs = {"input_ids": inputs["input_ids"]}
+            if "attention_mask" in inputs:
+                kwargs["attention_mask"] = inputs["attention_mask"]
+            if "position_ids" in inputs:
+                kwargs["position_ids"] = inputs["position_ids"]
         if router_aux:
             kwargs["output_router_logits"] = True
         no_positions = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
@@ -577,15 +614,19 @@ class TISDPOTrainer(Trainer):
             # the transform runs in the loss's compute precision (float64 for float64 models, float32 otherwise)
             compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
             raw = inputs["token_weights"].reshape(-1).to(compute_dtype)
-            tensors["token_weights"] = apply_weight_transform(
-                raw, args.weight_transform, **(args.weight_transform_kwargs or {})
-            )
+            if args.weight_transform in PER_RESPONSE_TRANSFORMS:  # applied to the columns at tokenisation
+                tensors["token_weights"] = raw
+            else:
+                tensors["token_weights"] = apply_weight_transform(
+                    raw, args.weight_transform, **(args.weight_transform_kwargs or {})
+                )
         return fused_tis_dpo_loss(
             hidden.reshape(-1, dim),
             head.weight,
             inputs["labels"].reshape(-1),
             bias=head.bias,
             cu_seqlens=inputs["cu_seqlens"],
+            row_index=inputs.get("row_index"),
             beta=args.beta,
             alpha=args.alpha,
             kl=args.kl,
@@ -756,16 +797,21 @@ class TISDPOTrainer(Trainer):
         source.eval()
         adapter_off = source.disable_adapter() if _is_peft_model(source) else contextlib.nullcontext()
         out: dict[str, list] = {c: [] for c in (REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS)}
+        logger.info("Precomputing reference log-probs for %d %s pairs (%d per batch) on %s.", len(dataset), name,
+                    batch_size, device)
+        progress = tqdm(loader, desc=f"Reference log-probs ({name})", unit="batch",
+                        disable=self.args.disable_tqdm or not self.accelerator.is_local_main_process)
         try:
             with adapter_off:
-                for batch in loader:
+                for batch in progress:
                     batch = {k: v.to(device) for k, v in batch.items()}
                     hidden = self._hidden_states(source, batch)
                     head = _lm_head(source)
                     labels = batch["labels"].reshape(-1)
                     logps = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels,
                                                   bias=head.bias, ignore_index=IGNORE_INDEX,
-                                                  backend=self.args.loss_backend, chunk_size=self.args.loss_chunk_size)
+                                                  backend=self.args.loss_backend, chunk_size=self.args.loss_chunk_size,
+                                                  row_index=batch.get("row_index"))
                     sequences = split_responses(logps, labels, batch["cu_seqlens"])
                     pairs = len(sequences) // 2
                     for s, values in enumerate(sequences):

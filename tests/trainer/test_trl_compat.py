@@ -185,8 +185,7 @@ def test_keep_start_and_no_prompt_limit_by_default(tok, quick_args):
                             train_dataset=ds, processing_class=tok)
     assert len(trainer.train_dataset[0]["prompt_input_ids"]) == n_prompt
     prompt = " ".join(["word"] * 40)
-    response = " " + " ".join(["apple"] * 60)
-    row = dict(prompt=prompt, chosen=response, rejected=response)
+    row = dict(prompt=prompt, chosen=" " + " ".join(["apple"] * 60), rejected=" " + " ".join(["rock"] * 60))
     full = tokenize_row(row, tok)
     n_p = len(full["prompt_input_ids"])
     trainer = TISDPOTrainer(tiny_llama(len(tok)), args=TISDPOConfig(**dict(quick_args, max_length=n_p + 20)),
