@@ -172,10 +172,11 @@ def _middle_cut(lines: list, limit: int, marker) -> list:
 
 
 def _prompt_lines(prompt: str, width: int, limit: int) -> list[str]:
-    """The prompt's lines (its own newlines kept, each wrapped to ``width``), at most ``limit`` of them."""
+    """The prompt's lines (each of its own lines starts a row, wrapped to ``width``; blank lines, such as the
+    empty line between HH-RLHF turns, take no row), at most ``limit`` of them."""
     lines = []
-    for paragraph in prompt.strip("\n").split("\n"):
-        lines += textwrap.wrap(paragraph, width, break_long_words=True, replace_whitespace=False) or [""]
+    for paragraph in prompt.split("\n"):
+        lines += textwrap.wrap(paragraph, width, break_long_words=True, replace_whitespace=False)
 
     def marker(cut):
         return f"[… {len(cut)} lines ({sum(len(x) for x in cut):,} characters) omitted …]"
@@ -204,10 +205,10 @@ def _token_lines(tokens: list[tuple], width: int, limit: int) -> list:
 
 def weights_figure(dataset, tokenizer, *, transform: str = "origin", transform_kwargs: dict | None = None,
                    eos_weight: float | None = None, max_pairs: int | None = 6, line_chars: int = 90,
-                   max_prompt_lines: int = 8, max_response_lines: int = 12, dpi: int = 120):
-    """The matplotlib figure of ``render_png``: per pair a ``#k`` header line, the prompt (newlines kept,
-    wrapped to ``line_chars``, at most ``max_prompt_lines`` lines: a longer one loses its middle, marked),
-    then the chosen and rejected tokens in boxes coloured by weight (wrapped to ``line_chars``, at most
+                   max_prompt_lines: int = 12, max_response_lines: int = 12, dpi: int = 120):
+    """The matplotlib figure of ``render_png``: per pair a ``#k`` header line, the prompt (newlines kept:
+    each of its lines starts a row, blank lines skipped; wrapped to ``line_chars``; at most
+    ``max_prompt_lines`` rows: a longer one loses its middle, marked), then the chosen and rejected tokens in boxes coloured by weight (wrapped to ``line_chars``, at most
     ``max_response_lines`` lines each, likewise cut in the middle). The size is bounded by these limits:
     about ``(line_chars + 12)`` characters wide, one text line per line. A horizontal colour bar sits at the
     top, above the first pair. Every text artist has a gid ``"<k>:<part>"`` (``part``: header, prompt,
@@ -238,7 +239,7 @@ def weights_figure(dataset, tokenizer, *, transform: str = "origin", transform_k
     sample = probe.text(0, 0, "M" * 50, **font)
     char_w = sample.get_window_extent(probe.canvas.get_renderer()).width / 50 / dpi  # inches per character
     plt.close(probe)
-    line_h, margin, top = 0.3, 0.25, 0.95  # inches: per text line, around the content, title + colour bar
+    line_h, margin, top = 0.3, 0.25, 1.1  # inches: per text line, around the content, title + colour bar
     columns = _LABEL_CHARS + line_chars + 2
     content_w, content_h = columns * char_w * 1.1, line_h * len(rows)  # 10% slack for token gaps and box pads
     fig_w, fig_h = content_w + 2 * margin, top + content_h + margin
@@ -278,7 +279,7 @@ def weights_figure(dataset, tokenizer, *, transform: str = "origin", transform_k
 
 def render_png(dataset, tokenizer, path: str, *, transform: str = "origin", transform_kwargs: dict | None = None,
                eos_weight: float | None = None, max_pairs: int | None = 6, line_chars: int = 90,
-               max_prompt_lines: int = 8, max_response_lines: int = 12) -> str:
+               max_prompt_lines: int = 12, max_response_lines: int = 12) -> str:
     """Write a PNG figure of the first ``max_pairs`` pairs (``weights_figure``): each response token in a box
     coloured by its weight on a diverging colour map centred at the neutral weight, with a colour bar.
     Returns ``path``."""
