@@ -208,9 +208,10 @@ def weights_figure(dataset, tokenizer, *, transform: str = "origin", transform_k
                    max_prompt_lines: int = 12, max_response_lines: int = 12, dpi: int = 120):
     """The matplotlib figure of ``render_png``: per pair a ``#k`` header line, the prompt (newlines kept:
     each of its lines starts a row, blank lines skipped; wrapped to ``line_chars``; at most
-    ``max_prompt_lines`` rows: a longer one loses its middle, marked), then the chosen and rejected tokens in boxes coloured by weight (wrapped to ``line_chars``, at most
-    ``max_response_lines`` lines each, likewise cut in the middle). The size is bounded by these limits:
-    about ``(line_chars + 12)`` characters wide, one text line per line. A horizontal colour bar sits at the
+    ``max_prompt_lines`` rows: a longer one loses its middle, marked), then the chosen and rejected tokens
+    in boxes coloured by weight (wrapped to ``line_chars``, at most ``max_response_lines`` rows each,
+    likewise cut in the middle). The size is bounded by these limits: about ``1.1 * (line_chars + 11)``
+    characters wide and 0.3 inch per row. A horizontal colour bar sits at the
     top, above the first pair. Every text artist has a gid ``"<k>:<part>"`` (``part``: header, prompt,
     label, token, marker)."""
     import matplotlib
