@@ -57,7 +57,7 @@ from tisdpo_kernels import fused_linear_logprobs
 from tisdpo_kernels.reference import ELEMENTWISE_TRANSFORMS, apply_weight_transform
 from tisdpo_kernels.reference import transform_params as _elementwise_params
 
-from .config import TISDPOConfig
+from .config import PER_RESPONSE_TRANSFORMS, TISDPOConfig
 from .data import (
     CHOSEN_IDS,
     PROMPT_IDS,
@@ -68,11 +68,11 @@ from .data import (
     split_responses,
     tokenize_row,
 )
+from .prefix import PREFIX_DOC_IDS, PrefixSharedCollator, check_attention, prefix_model_inputs
 from .trainer import EFFICIENT_PACKING_ATTENTION, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
-PER_RESPONSE_TRANSFORMS = ("rank_based", "binary", "random")
 WEIGHT_TRANSFORMS = ELEMENTWISE_TRANSFORMS + PER_RESPONSE_TRANSFORMS
 _PER_RESPONSE_DEFAULTS = {
     "rank_based": {"min_weight": 0.7, "max_weight": 1.3},
@@ -318,24 +318,33 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 def decoder_hidden_states(model, batch: dict) -> torch.Tensor:
     """Last hidden states of the decoder under the LM head (the head itself is not run): ``[2B, T, D]``
-    for a padded batch, ``[1, N, D]`` for a packed one (``position_ids`` restart at every sequence)."""
+    for a padded batch, ``[1, N, D]`` for a packed one (``position_ids`` restart at every sequence); ``[B, T, D]``
+    or ``[1, N, D]`` for a ``tisdpo.prefix.PrefixSharedCollator`` batch (its mask built for the model's attention)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if PREFIX_DOC_IDS in batch:
+        inputs = prefix_model_inputs(batch, _attn_implementation(model), decoder.get_input_embeddings().weight.dtype)
+    else:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     return decoder(**inputs, use_cache=False).last_hidden_state
 
 
 def token_logps(model, batch: dict, backend: str = "auto") -> torch.Tensor:
-    """Per-token label log-probs of a ``PreferenceCollator`` batch (padded or packed) under a causal LM,
-    shaped like ``batch["labels"]``, float32, 0 off the responses; through ``fused_linear_logprobs`` on
-    the decoder's last hidden states and the LM head weight (no ``[tokens, vocab]`` logits)."""
+    """Per-token label log-probs of a ``PreferenceCollator`` batch (padded or packed) or a
+    ``PrefixSharedCollator`` batch (its explicit ``row_index``) under a causal LM, shaped like
+    ``batch["labels"]``, float32, 0 off the responses; through ``fused_linear_logprobs`` on the decoder's last
+    hidden states and the LM head weight (no ``[tokens, vocab]`` logits)."""
     head = model.get_output_embeddings()
     hidden = decoder_hidden_states(model, batch)
     return fused_linear_logprobs(hidden, head.weight, batch["labels"], bias=getattr(head, "bias", None),
-                                 backend=backend)
+                                 backend=backend, row_index=batch.get("row_index"))
+
+
+def _attn_implementation(model) -> str:
+    return str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager")
 
 
 def _packs_efficiently(model) -> bool:
-    attn = str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager")
+    attn = _attn_implementation(model)
     return attn in EFFICIENT_PACKING_ATTENTION or "flash" in attn
 
 
@@ -350,14 +359,15 @@ class _Estimator:
     """Holds the models and options of one estimation run; ``columns(examples)`` does one batch."""
 
     def __init__(self, pi_plus, pi_minus, tokenizer, method, system_prompts, backend, device, padding_free,
-                 truncation):
+                 truncation, prefix_sharing=False):
         self.pi_plus, self.pi_minus, self.tokenizer = pi_plus, pi_minus, tokenizer
         self.method, self.system_prompts, self.backend, self.device = method, system_prompts, backend, device
         self.truncation = truncation
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("tokenizer has neither a pad_token_id nor an eos_token_id to pad batches with")
-        self.collate = PreferenceCollator(pad_token_id=pad, padding_free=padding_free)
+        collator_class = PrefixSharedCollator if prefix_sharing else PreferenceCollator
+        self.collate = collator_class(pad_token_id=pad, padding_free=padding_free)
 
     def _system_prompt_row(self, example: dict, system_prompt: str, row: dict) -> dict:
         """Method P: the trainer's (truncated) ``row`` with ``system_prompt`` in front of its prompt.
@@ -511,6 +521,7 @@ def estimate_token_weights(
     device: str | torch.device | None = None,
     backend: str = "auto",
     padding_free: bool | None = None,
+    prefix_sharing: bool | None = None,
     model_ids: tuple[str, str | None] | None = None,
     progress: bool = True,
     max_length: int | None = TRUNCATION_DEFAULTS["max_length"],
@@ -565,6 +576,9 @@ def estimate_token_weights(
         backend: ``fused_linear_logprobs`` backend.
         padding_free: pack each batch's sequences into one row (``position_ids`` restarting per sequence;
             exact with flash-attention, flex, sdpa and eager in transformers) instead of padding them.
+        prefix_sharing: run each pair as one ``[prompt | chosen | rejected]`` row, the prompt once
+            (``tisdpo.prefix``; same results up to rounding). None (default): when both models use
+            ``flex_attention``; True also with sdpa/eager (a dense 4-D mask).
         model_ids: identities of ``(pi_plus, pi_minus)`` for the cache key, instead of hashing their weights.
         progress: show a tqdm progress bar over pairs.
         max_length, max_prompt_length, max_completion_length, truncation_mode: the trainer's truncation
@@ -606,11 +620,19 @@ def estimate_token_weights(
 
     if padding_free is None:
         padding_free = _packs_efficiently(pi_plus) and (pi_minus is None or _packs_efficiently(pi_minus))
+    models = [m for m in (pi_plus, pi_minus) if m is not None]
+    if prefix_sharing is None:
+        prefix_sharing = all(_attn_implementation(m) == "flex_attention" for m in models)
+    if prefix_sharing:
+        names = ("pi_plus", "pi_minus")[: len(models)]
+        how = [check_attention(_attn_implementation(m), name) for m, name in zip(models, names, strict=True)]
+        logger.info("Prefix sharing: one [prompt | chosen | rejected] row per pair; attention: %s.",
+                    " / ".join(dict.fromkeys(how)))
     if model_ids is None:
         model_ids = (model_fingerprint(pi_plus), None if pi_minus is None else model_fingerprint(pi_minus))
     key = _run_key(dataset, tokenizer, model_ids, method=method, shard_size=shard_size, batch_size=batch_size,
                    system_prompts=list(system_prompts) if method == "P" else None, padding_free=padding_free,
-                   **truncation)
+                   **truncation, **({"prefix_sharing": True} if prefix_sharing else {}))
     root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "tisdpo", "token_weights")
     run_dir = os.path.join(root, key)
     os.makedirs(run_dir, exist_ok=True)
@@ -633,7 +655,7 @@ def estimate_token_weights(
         logger.info("token weights: reused the cache %s (all %d shards, %d pairs); no model call", run_dir,
                     len(bounds), n)
     estimator = _Estimator(pi_plus, pi_minus, tokenizer, method, tuple(system_prompts), backend, device,
-                           padding_free, truncation)
+                           padding_free, truncation, prefix_sharing)
     done = n - sum(hi - lo for (lo, hi), _, _ in todo)
     with tqdm(total=n, initial=done, desc=f"token weights ({method})", unit="pair", disable=not progress) as pbar:
         for (lo, hi), path, identity in todo:
@@ -687,8 +709,8 @@ def _optional_int(text: str) -> int | None:
     return value
 
 
-def _padding_free(value) -> bool | None:
-    """``--padding-free auto|true|false``, or the trainer YAML's ``padding_free: true|false|null``."""
+def _auto_bool(value) -> bool | None:
+    """``--padding-free`` / ``--prefix-sharing`` ``auto|true|false``, or the trainer YAML's ``true|false|null``."""
     if value is None or isinstance(value, bool):
         return value
     return {"auto": None, "true": True, "false": False}[value]
@@ -763,6 +785,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--truncation-mode", choices=("keep_end", "keep_start"),
                         default=TRUNCATION_DEFAULTS["truncation_mode"],
                         help="the trainer's `truncation_mode` (TISDPOConfig; default %(default)s)")
+    parser.add_argument("--prefix-sharing", choices=("auto", "true", "false"), default="auto",
+                        help="one [prompt | chosen | rejected] row per pair, the prompt run once (auto: with flex "
+                        "attention)")
     parser.add_argument("--shard-size", type=int, default=1024)
     parser.add_argument("--cache-dir", default=None, help="shard cache (default ~/.cache/tisdpo/token_weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -788,7 +813,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset, pi_plus, pi_minus, tokenizer, method=args.method,
         system_prompts=(args.good_system_prompt, args.bad_system_prompt), batch_size=args.batch_size,
         shard_size=args.shard_size, cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress,
-        padding_free=_padding_free(args.padding_free),
+        padding_free=_auto_bool(args.padding_free),
+        prefix_sharing=_auto_bool(args.prefix_sharing),
         **{name: getattr(args, name) for name in TRUNCATION_OPTIONS},
     )
     if args.transform is not None:
