@@ -4,8 +4,10 @@ One step: the collator lays out the B chosen and B rejected sequences (padded `[
 model runs with its LM head applied to zero positions (`logits_to_keep` = an empty index, so no logits exist)
 while a forward hook on the decoder body keeps the last hidden states, and
 `tisdpo_kernels.fused_tis_dpo_loss(hidden, lm_head.weight, labels, ...)` turns the response rows into the loss
-and its metrics without materialising `[tokens, vocab]` logits. The call goes through the wrapped model (DDP,
-FSDP, DeepSpeed as prepared by accelerate), so their forward/backward hooks run as in any Trainer step.
+and its metrics without materialising `[tokens, vocab]` logits. The decoder call goes through the wrapped model
+(DDP, FSDP2, DeepSpeed as prepared by accelerate) and the loss runs as the LM head module's forward
+(`tisdpo.distributed.head_forward`), so the engines' hooks unshard/gather the head weight and reduce its gradient
+as for any layer.
 
 Reference log-probs come from (in this order of precedence): precomputed per-token values cached on disk
 (`precompute_ref_log_probs=True`), an explicit frozen `ref_model`, the PEFT base model with its adapter disabled,
@@ -48,6 +50,7 @@ from .data import (
     prepare_preference_dataset,
     split_responses,
 )
+from .distributed import context_parallel_group, full_frozen, head_forward, prepare_reference
 
 logger = logging.getLogger(__name__)
 
@@ -109,14 +112,18 @@ def _check_architecture(model: nn.Module, name: str) -> None:
 
 
 def _lm_head(model: nn.Module) -> nn.Module:
-    """The output embedding whose weight (and bias) go to the fused loss; refuses a sharded one."""
-    head = model.get_output_embeddings()
-    if hasattr(head.weight, "full_tensor"):  # a DTensor: FSDP2 / tensor parallelism left it sharded here
-        raise NotImplementedError(
-            "the LM head weight is sharded (a DTensor) outside the model's forward; the fused loss needs the full "
-            "[V, D] weight. Train with DDP (or keep the LM head unsharded)."
-        )
-    return head
+    """The output embedding module whose weight (and bias) go to the fused loss, inside its own forward
+    (`head_forward`): sharded or not, the engine gathers it there."""
+    return model.get_output_embeddings()
+
+
+def _local_cu_seqlens(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Row boundaries of this rank's slice of a padded batch under context parallelism (the Trainer shards
+    input_ids, attention_mask and labels along the sequence); packed batches cannot be split that way."""
+    if inputs["labels"].shape[0] == 1:  # packed [1, N]; a padded batch has 2B >= 2 rows
+        raise ValueError("context parallelism needs padded batches: set padding_free=False")
+    rows, width = inputs["labels"].shape
+    return torch.arange(rows + 1, dtype=torch.int32, device=inputs["labels"].device) * width
 
 
 def _chosen_half(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -300,7 +307,7 @@ class TISDPOTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.ref_model = None
         if ref_model is not None and not args.precompute_ref_log_probs:
-            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+            self.ref_model = prepare_reference(self.accelerator, ref_model)
 
         self._metrics: dict[str, defaultdict[str, list[float]]] = {m: defaultdict(list) for m in ("train", "eval")}
         self._tokens_since_log = 0.0
@@ -405,8 +412,9 @@ class TISDPOTrainer(Trainer):
             tensors["ref_logps"] = inputs["ref_logps"].reshape(-1)
         else:
             ref_hidden, ref_head = self._ref_hidden_states(inputs)
-            tensors.update(ref_hidden=ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight=ref_head.weight,
-                           ref_bias=ref_head.bias)
+            # frozen: the whole (gathered) weight for this step, no hooks needed for its gradient
+            tensors.update(ref_hidden=ref_hidden.reshape(-1, ref_hidden.shape[-1]),
+                           ref_weight=full_frozen(ref_head.weight), ref_bias=full_frozen(ref_head.bias))
         if "token_weights" in inputs:
             # the transform runs in the loss's compute precision (float64 for float64 models, float32 otherwise)
             compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -414,22 +422,31 @@ class TISDPOTrainer(Trainer):
             tensors["token_weights"] = apply_weight_transform(
                 raw, args.weight_transform, **(args.weight_transform_kwargs or {})
             )
-        return fused_tis_dpo_loss(
-            hidden.reshape(-1, dim),
-            head.weight,
-            inputs["labels"].reshape(-1),
-            bias=head.bias,
-            cu_seqlens=inputs["cu_seqlens"],
-            beta=args.beta,
-            alpha=args.alpha,
-            kl=args.kl,
-            loss_type=args.loss_type,
-            label_smoothing=args.label_smoothing,
-            ignore_index=IGNORE_INDEX,
-            backend=args.loss_backend,
-            chunk_size=args.loss_chunk_size,
-            **tensors,
-        )
+        group = context_parallel_group(self.accelerator)
+        cu_seqlens = inputs["cu_seqlens"]
+        if group is not None:
+            cu_seqlens = _local_cu_seqlens(inputs)
+
+        def loss(weight, bias, rows):
+            return fused_tis_dpo_loss(
+                rows,
+                weight,
+                inputs["labels"].reshape(-1),
+                bias=bias,
+                cu_seqlens=cu_seqlens,
+                beta=args.beta,
+                alpha=args.alpha,
+                kl=args.kl,
+                loss_type=args.loss_type,
+                label_smoothing=args.label_smoothing,
+                ignore_index=IGNORE_INDEX,
+                backend=args.loss_backend,
+                chunk_size=args.loss_chunk_size,
+                group=group,
+                **tensors,
+            )
+
+        return head_forward(head, loss, hidden.reshape(-1, dim))
 
     def _sft_loss(self, model, chosen):
         """Summed negative log-likelihood of each chosen response, averaged over the responses."""
@@ -438,9 +455,9 @@ class TISDPOTrainer(Trainer):
         hidden = self._hidden_states(model, chosen)
         head = _lm_head(self.accelerator.unwrap_model(model))
         labels = chosen["labels"].reshape(-1)
-        logps = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, bias=head.bias,
-                                      ignore_index=IGNORE_INDEX, backend=self.args.loss_backend,
-                                      chunk_size=self.args.loss_chunk_size)
+        logps = head_forward(head, lambda weight, bias, rows: fused_linear_logprobs(
+            rows, weight, labels, bias=bias, ignore_index=IGNORE_INDEX, backend=self.args.loss_backend,
+            chunk_size=self.args.loss_chunk_size), hidden.reshape(-1, hidden.shape[-1]))
         lengths = (cu[1:] - cu[:-1]).to(device=logps.device, dtype=torch.long)
         seq_ids = torch.arange(pairs, device=logps.device).repeat_interleave(lengths)
         sums = torch.zeros(pairs, dtype=logps.dtype, device=logps.device).index_add(0, seq_ids, logps)
@@ -562,9 +579,9 @@ class TISDPOTrainer(Trainer):
                     hidden = self._hidden_states(source, batch)
                     head = _lm_head(source)
                     labels = batch["labels"].reshape(-1)
-                    logps = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels,
-                                                  bias=head.bias, ignore_index=IGNORE_INDEX,
-                                                  backend=self.args.loss_backend, chunk_size=self.args.loss_chunk_size)
+                    logps = head_forward(head, lambda weight, bias, rows, labels=labels: fused_linear_logprobs(
+                        rows, weight, labels, bias=bias, ignore_index=IGNORE_INDEX, backend=self.args.loss_backend,
+                        chunk_size=self.args.loss_chunk_size), hidden.reshape(-1, hidden.shape[-1]))
                     sequences = split_responses(logps, labels, batch["cu_seqlens"])
                     pairs = len(sequences) // 2
                     for s, values in enumerate(sequences):
