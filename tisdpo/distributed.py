@@ -4,9 +4,10 @@ Sharding engines act on module calls. FSDP2 unshards a module's parameters in it
 before its backward) and reduce-scatters their gradients after its backward; DeepSpeed ZeRO-3 gathers a module's
 parameters when its forward runs and partitions and reduces their gradients in its backward hooks. Reading
 `lm_head.weight` outside any forward gets the shard (an FSDP2 DTensor, an empty ZeRO-3 placeholder). So the fused
-loss runs *as the forward of the LM head module*: `head_forward(head, fn, hidden)` calls `head(hidden)` with the
-module's forward temporarily replaced by `fn(head.weight, head.bias, hidden)`; every hook the engine put on the
-head (or on the group it belongs to) fires around it, as for any layer. Tied input/output embeddings share one
+loss gets the head weight from `head_forward(head, fn, hidden)`: under DeepSpeed (and DDP) it calls `head(hidden)`
+with the module's forward temporarily replaced by `fn(head.weight, head.bias, hidden)`, so every hook the engine
+put on the head fires around it, as for any layer; under FSDP2 it unshards the head's group (`FSDPModule.unshard`)
+when the decoder's forward left it resharded, and the group's own post-backward reduce-scatters the gradient. Tied input/output embeddings share one
 parameter, owned by one FSDP2 group (accelerate puts the embedding, the final norm and the head in one) or one
 ZeRO-3 parameter: both uses accumulate into one gradient and the optimizer steps it once.
 
@@ -34,12 +35,33 @@ def _is_sharded(t: torch.Tensor) -> bool:
     return hasattr(t, "ds_id") and tuple(t.shape) != tuple(getattr(t, "ds_shape", t.shape))
 
 
-def head_forward(head: nn.Module, fn: Callable, hidden: torch.Tensor):
-    """`fn(head.weight, head.bias, hidden)` run as `head`'s forward, so that the engines' hooks on `head` fire.
+def _fsdp2_module(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: no FSDP2
+        return False
+    return isinstance(module, FSDPModule)
 
-    Only `hidden` goes through the call (FSDP2's mixed-precision policy casts floating forward inputs, which must
-    not touch the reference log-probs or token weights that `fn` closes over). Returns what `fn` returns.
+
+def head_forward(head: nn.Module, fn: Callable, hidden: torch.Tensor):
+    """`fn(weight, bias, hidden)` with the LM head's whole weight and bias, the engine's gradient reduction
+    included. Returns what `fn` returns.
+
+    - FSDP2 (`head` under `fully_shard`, alone or in a group such as accelerate's [final norm, head]): the step
+      is inside the group's forward-backward pass, so its hooks are not run a second time (a second pre-forward of
+      a multi-module group never completes and crashes its backward, seen with torch 2.13). If the group was
+      resharded after the decoder's forward, `head.unshard()` gathers it; the group's post-backward (or the
+      root's final callback) reduce-scatters the head's gradient and reshards, as for the model's own head call.
+    - Otherwise (DeepSpeed ZeRO-3, DDP, one process) `head(hidden)` runs with the module's forward temporarily
+      replaced by `fn`, so every hook on the head fires around it: ZeRO-3 gathers the weight, partitions and
+      reduces its gradient. Only `hidden` goes through the call (floating forward inputs may be cast by an
+      engine's mixed-precision policy; the reference log-probs and token weights that `fn` closes over must
+      not be).
     """
+    if _fsdp2_module(head):
+        if _is_sharded(head.weight):
+            head.unshard()
+        return fn(head.weight, getattr(head, "bias", None), hidden)
 
     def forward(rows):
         weight, bias = head.weight, getattr(head, "bias", None)
