@@ -4,11 +4,12 @@ Sharding engines act on module calls. FSDP2 unshards a module's parameters in it
 before its backward) and reduce-scatters their gradients after its backward; DeepSpeed ZeRO-3 gathers a module's
 parameters when its forward runs and partitions and reduces their gradients in its backward hooks. Reading
 `lm_head.weight` outside any forward gets the shard (an FSDP2 DTensor, an empty ZeRO-3 placeholder). So the fused
-loss gets the head weight from `head_forward(head, fn, hidden)`: under DeepSpeed (and DDP) it calls `head(hidden)`
-with the module's forward temporarily replaced by `fn(head.weight, head.bias, hidden)`, so every hook the engine
-put on the head fires around it, as for any layer; under FSDP2 it unshards the head's group (`FSDPModule.unshard`)
-when the decoder's forward left it resharded, and the group's own post-backward reduce-scatters the gradient. Tied input/output embeddings share one
-parameter, owned by one FSDP2 group (accelerate puts the embedding, the final norm and the head in one) or one
+loss gets the head weight from `head_forward(head, fn, hidden)`: under DeepSpeed (and DDP) it calls
+`head(hidden)` with the module's forward temporarily replaced by `fn(head.weight, head.bias, hidden)`, so every
+hook the engine put on the head fires around it, as for any layer; under FSDP2 it unshards the head's group
+(`FSDPModule.unshard`) when the decoder's forward left it resharded, and the group's own post-backward
+reduce-scatters the gradient. Tied input/output embeddings share one parameter, owned by one FSDP2 group
+(accelerate puts the embedding, the final norm and the head in one) or one
 ZeRO-3 parameter: both uses accumulate into one gradient and the optimizer steps it once.
 
 The reference model is frozen: it is sharded by the same engine (`prepare_reference`: FSDP2 with every unit
