@@ -5,9 +5,9 @@ model runs with its LM head applied to zero positions (`logits_to_keep` = an emp
 while a forward hook on the decoder body keeps the last hidden states, and
 `tisdpo_kernels.fused_tis_dpo_loss(hidden, lm_head.weight, labels, ...)` turns the response rows into the loss
 and its metrics without materialising `[tokens, vocab]` logits. The decoder call goes through the wrapped model
-(DDP, FSDP2, DeepSpeed as prepared by accelerate) and the loss runs as the LM head module's forward
-(`tisdpo.distributed.head_forward`), so the engines' hooks unshard/gather the head weight and reduce its gradient
-as for any layer.
+(DDP, FSDP2, DeepSpeed as prepared by accelerate) and the loss gets the whole head weight from
+`tisdpo.distributed.head_forward` (a ZeRO-3 gather through the head module's forward, an FSDP2 unshard of the
+head's group), with the engine reducing its gradient as for any layer.
 
 Reference log-probs come from (in this order of precedence): precomputed per-token values cached on disk
 (`precompute_ref_log_probs=True`), an explicit frozen `ref_model`, the PEFT base model with its adapter disabled,

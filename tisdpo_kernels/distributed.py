@@ -10,7 +10,7 @@ partial sums is ``dL/dS_r = dL/dS``, so the all-reduce's backward is the identit
 rank's rows thus get exactly their gradient of the global loss; a parameter's gradient (the LM head's, say) is a
 rank's share of the full one and must be *summed* over the group, not averaged.
 
-Tested on CPU with 2 gloo processes in ``tests/test_distributed_loss.py``.
+Tested on CPU with 2 gloo processes in ``tests/trainer/test_distributed.py`` (``test_group_loss_*``).
 """
 
 from __future__ import annotations
