@@ -46,7 +46,8 @@ CONTRASTIVE_LOSS_TYPES = {"S": "sft", "D": "sigmoid"}
 def contrastive_configs(args: TISDPOConfig, method: str) -> tuple[TISDPOConfig, TISDPOConfig]:
     """The two training configurations of ``method`` (``"S"`` or ``"D"``) derived from ``args``.
 
-    Both keep every setting of ``args`` but ``loss_type`` (``"sft"`` for S, ``"sigmoid"`` for D),
+    Both keep every setting of ``args`` but ``loss_type`` (``["sft"]`` for S, ``["sigmoid"]`` for D, without
+    ``loss_weights`` / ``rpo_alpha``; S also without ``kl`` and ``use_weighting``),
     ``reverse_preferences`` (False for ``pi_plus``, True for ``pi_minus``) and ``output_dir``
     (``<args.output_dir>/plus`` and ``/minus``). Token-weight settings do not apply: contrastive models
     are trained without weight columns.
@@ -57,9 +58,10 @@ def contrastive_configs(args: TISDPOConfig, method: str) -> tuple[TISDPOConfig, 
     if not isinstance(args, TISDPOConfig):
         raise TypeError(f"args must be a TISDPOConfig, got {type(args).__name__}")
     loss_type = CONTRASTIVE_LOSS_TYPES[method]
-    kl = None if loss_type == "sft" else args.kl
+    kl, use_weighting = (None, False) if loss_type == "sft" else (args.kl, args.use_weighting)
     return tuple(
-        dataclasses.replace(args, output_dir=os.path.join(args.output_dir, side), loss_type=loss_type,
+        dataclasses.replace(args, output_dir=os.path.join(args.output_dir, side), loss_type=[loss_type],
+                            loss_weights=None, rpo_alpha=None, use_weighting=use_weighting,
                             reverse_preferences=reverse, kl=kl)
         for side, reverse in (("plus", False), ("minus", True))
     )

@@ -257,7 +257,7 @@ class TISDPOTrainer(Trainer):
             model = get_peft_model(model, peft_config)
         _check_architecture(model, "model")
 
-        needs_ref = args.loss_type != "sft"
+        needs_ref = not args.sft_only
         if isinstance(ref_model, str):
             ref_model = AutoModelForCausalLM.from_pretrained(ref_model, **args.resolved_model_init_kwargs("ref_model"))
         if not needs_ref and ref_model is not None:
@@ -385,7 +385,7 @@ class TISDPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Scalar loss of one micro-batch (mean over its pairs); stores the metrics for `log`."""
         mode = "train" if model.training else "eval"
-        if self.args.loss_type == "sft":
+        if self.args.sft_only:
             inputs = _chosen_half(inputs)
             loss, metrics = self._sft_loss(model, inputs)
         else:
@@ -437,19 +437,19 @@ class TISDPOTrainer(Trainer):
                 beta=args.beta,
                 alpha=args.alpha,
                 kl=args.kl,
-                loss_type=args.loss_type,
-                label_smoothing=args.label_smoothing,
                 ignore_index=IGNORE_INDEX,
                 backend=args.loss_backend,
                 chunk_size=args.loss_chunk_size,
                 group=group,
+                **args.pair_loss_kwargs(),
                 **tensors,
             )
 
         return head_forward(head, loss, hidden.reshape(-1, dim))
 
     def _sft_loss(self, model, chosen):
-        """Summed negative log-likelihood of each chosen response, averaged over the responses."""
+        """Negative log-likelihood of the chosen responses averaged over all their tokens (TRL's 'sft'), times the
+        sum of the 'sft' weights."""
         cu = chosen["cu_seqlens"]
         pairs = cu.numel() - 1
         hidden = self._hidden_states(model, chosen)
@@ -461,9 +461,9 @@ class TISDPOTrainer(Trainer):
         lengths = (cu[1:] - cu[:-1]).to(device=logps.device, dtype=torch.long)
         seq_ids = torch.arange(pairs, device=logps.device).repeat_interleave(lengths)
         sums = torch.zeros(pairs, dtype=logps.dtype, device=logps.device).index_add(0, seq_ids, logps)
-        loss = -sums.mean()
-        return loss, {"logps/chosen": sums.detach().mean(), "nll/chosen_per_token":
-                      (-sums.detach().sum() / (labels != IGNORE_INDEX).sum())}
+        nll = -sums.sum() / (labels != IGNORE_INDEX).sum()
+        loss = sum(weight for _, weight in self.args.loss_terms()) * nll
+        return loss, {"logps/chosen": sums.detach().mean(), "nll/chosen_per_token": nll.detach()}
 
     # ------------------------------------------------------------------------------------------------------------
     # evaluation and logging
@@ -472,7 +472,7 @@ class TISDPOTrainer(Trainer):
     def get_eval_dataloader(self, eval_dataset=None):
         """As `Trainer.get_eval_dataloader`; an untokenised `eval_dataset` passed to `evaluate` is tokenised first."""
         if isinstance(eval_dataset, datasets.Dataset) and PROMPT_IDS not in eval_dataset.column_names:
-            if self.args.precompute_ref_log_probs and self.args.loss_type != "sft":
+            if self.args.precompute_ref_log_probs and not self.args.sft_only:
                 raise ValueError(
                     "with precompute_ref_log_probs=True, pass evaluation data to TISDPOTrainer(eval_dataset=...): its "
                     "reference log-probs are computed at construction, before the policy changes"

@@ -65,8 +65,9 @@ def global_response_counts(counts: torch.Tensor, group) -> torch.Tensor:
 
 def all_reduce_sequence_sums(sums: SequenceSums, group) -> SequenceSums:
     """The per-sequence sums of every rank of ``group`` added up, in one collective, differentiable (identity
-    backward). Each field of ``sums`` is ``[num_seqs]``, the same dtype."""
-    fields = [f.name for f in dataclasses.fields(SequenceSums)]
+    backward). Each field of ``sums`` is ``[num_seqs]`` of one dtype, or None (an optional sum every rank leaves
+    out alike)."""
+    fields = [f.name for f in dataclasses.fields(SequenceSums) if getattr(sums, f.name) is not None]
     stacked = torch.stack([getattr(sums, name) for name in fields])
     total = _SumAcrossGroup.apply(stacked, group)
     return SequenceSums(**dict(zip(fields, total.unbind(0), strict=True)))

@@ -18,10 +18,10 @@ import torch
 
 from . import chunked
 from .distributed import all_reduce_sequence_sums, check_group, global_response_counts
+from .objectives import check_ld_alpha, ld_token_weights, loss_terms
 from .ops._config import interpreting
 from .reference import (
     KL_MODES,
-    LOSS_TYPES,
     pair_objective,
     sequence_layout,
     sequence_sums,
@@ -71,24 +71,27 @@ class _KernelOptions:
     grad_filter_eps: float | None = None
 
 
-def _linear_logprobs_rows(backend, hidden, weight, labels, bias, opts: _KernelOptions):
+def _linear_logprobs_rows(backend, hidden, weight, labels, bias, opts: _KernelOptions, log_collision=False):
+    """Label log-probs of the rows; ``(logps, log_collision)`` with ``log_collision=True`` (torch backend only)."""
     if backend == "triton":
         from .ops.linear_logprobs import triton_linear_logprobs
 
         return triton_linear_logprobs(hidden, weight, labels, bias=bias, deterministic=opts.deterministic,
                                       filter_eps=opts.grad_filter_eps)
-    return chunked.chunked_linear_logprobs(hidden, weight, labels, bias=bias, chunk_size=opts.chunk_size)
+    return chunked.chunked_linear_logprobs(hidden, weight, labels, bias=bias, chunk_size=opts.chunk_size,
+                                           log_collision=log_collision)
 
 
 def _linear_kl_rows(backend, hidden, weight, labels, ref_hidden, ref_weight, mode, bias, ref_bias,
-                    opts: _KernelOptions):
+                    opts: _KernelOptions, log_collision=False):
+    """``(logps, ref_logps, token_kl)``, plus the policy's log-collision with ``log_collision=True`` (torch only)."""
     if backend == "triton":
         from .ops.linear_kl import triton_linear_kl
 
         return triton_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=bias, ref_bias=ref_bias,
                                 deterministic=opts.deterministic, filter_eps=opts.grad_filter_eps)
     return chunked.chunked_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=bias,
-                                     ref_bias=ref_bias, chunk_size=opts.chunk_size)
+                                     ref_bias=ref_bias, chunk_size=opts.chunk_size, log_collision=log_collision)
 
 
 def _kernel_options(chunk_size, deterministic, grad_filter_eps) -> _KernelOptions:
@@ -100,9 +103,10 @@ def _kernel_options(chunk_size, deterministic, grad_filter_eps) -> _KernelOption
 
 
 def _sequence_sums(backend, logps, lpref, weights, contrastive, weight_transform, transform_kwargs, rows: _Rows,
-                   token_kl, kl):
+                   token_kl, kl, log_collision=None):
     """Per-sequence sums of the response rows: Triton's segment-sum kernels (the weight transform
-    evaluated in the kernel) or ``reference.sequence_sums`` on the torch path."""
+    evaluated in the kernel) or ``reference.sequence_sums`` on the torch path (the only one with
+    ``log_collision``, WPO's statistic)."""
     if backend == "triton":
         from .ops.pair_loss import sequence_sums_unchecked
 
@@ -114,7 +118,8 @@ def _sequence_sums(backend, logps, lpref, weights, contrastive, weight_transform
                                                  transform_kwargs)
     elif weights is None:
         weights = torch.ones_like(logps)
-    return sequence_sums(logps, lpref, weights, rows.seq_ids, rows.num_seqs, token_kl=token_kl, kl=kl)
+    return sequence_sums(logps, lpref, weights, rows.seq_ids, rows.num_seqs, token_kl=token_kl, kl=kl,
+                         log_collision=log_collision)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,8 +272,9 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
 def fused_tis_dpo_loss(
     hidden, weight, labels, *, bias=None, ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
     token_weights=None, contrastive_logps=None, weight_transform="origin", transform_kwargs=None,
-    beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0, ignore_index=-100,
-    cu_seqlens=None, backend="auto", chunk_size=None, deterministic=False, grad_filter_eps=None, group=None,
+    beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0, loss_weights=None, discopop_tau=0.05,
+    ld_alpha=None, use_weighting=False, ignore_index=-100, cu_seqlens=None, backend="auto", chunk_size=None,
+    deterministic=False, grad_filter_eps=None, group=None,
 ):
     """TIS-DPO / DPO / TDPO loss from last hidden states, never materialising ``[tokens, V]`` logits.
 
@@ -276,8 +282,11 @@ def fused_tis_dpo_loss(
     ``m_t = lp_t - lpref_t``; per sequence ``M = sum_t w_t m_t``; per pair
     ``loss = -log sigmoid(beta (M_c - M_r))`` averaged over pairs (TIS-DPO, Liu et al. 2024,
     arXiv 2410.04350; with ``w_t = 1`` it is DPO, Rafailov et al. 2023). See DESIGN §1 for the KL
-    variants (``kl="tisdpo"|"tdpo1"|"tdpo2"``, TDPO: Zeng et al. 2024) and ``reference.pair_objective``
-    for the ``loss_type`` formulas (``"sigmoid"`` with ``label_smoothing`` = cDPO, ``"ipo"``, ``"hinge"``).
+    variants (``kl="tisdpo"|"tdpo1"|"tdpo2"``, TDPO: Zeng et al. 2024) and ``tisdpo_kernels.objectives`` for
+    the ``loss_type`` formulas: TRL's names and meanings (``"sigmoid"``, ``"ipo"`` (length-normalised),
+    ``"hinge"``, ``"robust"``, ``"exo_pair"``, ``"nca_pair"``, ``"bco_pair"``, ``"sppo_hard"``, ``"aot"``,
+    ``"aot_unpaired"``, ``"apo_zero"``, ``"apo_down"``, ``"discopop"``, ``"sigmoid_norm"``, ``"sft"``) plus
+    ``"cdpo"`` (sigmoid with ``label_smoothing``: conservative DPO).
 
     Args:
         hidden: padded ``[2B, T, D]`` (rows ``0..B-1`` chosen, ``B..2B-1`` rejected) or packed ``[N, D]``
@@ -291,6 +300,16 @@ def fused_tis_dpo_loss(
             neg)``, each shaped like ``labels``, turned into weights by ``weight_transform`` applied to
             ``r = pos - neg`` on chosen and to ``-r`` on rejected tokens (``transform_kwargs`` override the
             transform's defaults, see ``reference.apply_weight_transform``).
+        loss_type: a loss type or a list of them (TRL's form), combined as ``sum_k loss_weights[k] * loss_k``
+            (``loss_weights``: one finite number per type, default 1 each). label_smoothing: ``eps`` in [0, 0.5)
+            of ``cdpo``, ``robust``, ``exo_pair``, ``aot``, ``aot_unpaired`` (refused with any other type).
+            discopop_tau: ``tau`` of ``discopop``.
+        ld_alpha: LD-DPO (None: off; in [0, 1]): the response tokens past the shorter response's length in each
+            pair get token weight ``ld_alpha`` (times any other token weight), for policy and reference alike
+            (``objectives.ld_token_weights``).
+        use_weighting: WPO: each pair's loss times ``exp(mean_t(lp - log sum_v p(v)^2)_c + (..)_r)``, a
+            constant (``reference.pair_objective``). Needs the full policy distribution per token: the torch
+            backend computes it in its chunked pass; the Triton kernels do not, so it raises there.
         cu_seqlens: ``[2B+1]`` int32/int64 boundaries of packed sequences, chosen first then rejected.
         backend: ``"auto"`` | ``"torch"`` | ``"triton"``. chunk_size: rows per chunk of the torch path.
         deterministic: Triton only: an atomic-free, bit-reproducible backward (about 1.3x its FLOPs); the
@@ -308,19 +327,17 @@ def fused_tis_dpo_loss(
         ``(loss, metrics)``: scalar loss (float32, float64 for float64 inputs) and a dict of detached
         scalars averaged over pairs: ``rewards/{chosen,rejected,margins,accuracies}``,
         ``logps/{chosen,rejected}`` (summed, unweighted), ``logps/{chosen,rejected}_weighted``,
-        ``weights/{chosen,rejected}_mean`` and, with a KL variant, ``kl/{chosen,rejected}``.
+        ``weights/{chosen,rejected}_mean`` (these include the ``ld_alpha`` weights), with a KL variant
+        ``kl/{chosen,rejected}`` and with ``use_weighting`` ``weights/wpo_pair_mean``.
     """
     if kl not in KL_MODES:
         raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    loss_terms(loss_type, loss_weights, label_smoothing=label_smoothing, discopop_tau=discopop_tau, kl=kl,
+               use_weighting=use_weighting)
     for name, value in (("beta", beta), ("alpha", alpha)):
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing!r}")
-    if label_smoothing and loss_type != "sigmoid":
-        raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, got loss_type={loss_type!r}")
+    check_ld_alpha(ld_alpha)
 
     vocab = _check_linear(hidden, weight, bias, labels, ignore_index)
     if cu_seqlens is None:
@@ -366,19 +383,30 @@ def fused_tis_dpo_loss(
 
     if group is not None:
         check_group(group)
+        if ld_alpha is not None:
+            raise ValueError("ld_alpha with group= is not supported: LD-DPO's shared length is a per-rank position "
+                             "here, and a sequence's rows are split across the group")
     backend = _resolve_backend(backend, hidden.device)
+    if use_weighting and backend == "triton":
+        raise ValueError(
+            "use_weighting=True (WPO) needs log sum_v p(v)^2 of every response token, which the Triton kernels do "
+            "not compute; use backend='torch' (the chunked path computes it in its forward pass)"
+        )
     opts = _kernel_options(chunk_size, deterministic, grad_filter_eps)
     rows = _response_rows(labels, cu_seqlens, ignore_index, group)
     h_rows = _gather_rows(hidden, rows.index)
-    token_kl = None
+    token_kl = collision = None
     if kl is not None:
         mode = "tis" if kl == "tisdpo" else "tdpo"
         ref_rows = _gather_rows(ref_hidden.detach(), rows.index)
-        logps, lpref, token_kl = _linear_kl_rows(
-            backend, h_rows, weight, rows.labels, ref_rows, ref_weight.detach(), mode, bias,
-            None if ref_bias is None else ref_bias.detach(), opts)
+        out = _linear_kl_rows(backend, h_rows, weight, rows.labels, ref_rows, ref_weight.detach(), mode, bias,
+                              None if ref_bias is None else ref_bias.detach(), opts, log_collision=use_weighting)
+        logps, lpref, token_kl = out[:3]
+        if use_weighting:
+            collision = out[3]
     else:
-        logps = _linear_logprobs_rows(backend, h_rows, weight, rows.labels, bias, opts)
+        out = _linear_logprobs_rows(backend, h_rows, weight, rows.labels, bias, opts, log_collision=use_weighting)
+        logps, collision = out if use_weighting else (out, None)
         if ref_logps is not None:
             lpref = ref_logps.reshape(-1)[rows.index].to(logps.dtype)
         else:
@@ -389,22 +417,33 @@ def fused_tis_dpo_loss(
     contrastive = None
     if contrastive_logps is not None:
         contrastive = tuple(t.reshape(-1)[rows.index].to(logps.dtype).detach() for t in contrastive_logps)
+    if ld_alpha is not None:  # LD-DPO as token weights, times the given / transformed ones
+        if contrastive is not None:
+            w = token_weights_from_contrastive(*contrastive, rows.seq_ids < rows.num_seqs // 2, weight_transform,
+                                               transform_kwargs)
+            contrastive = None
+        ld = ld_token_weights(rows.seq_ids, rows.num_seqs, ld_alpha).to(logps.dtype)
+        w = ld if w is None else w * ld
     sums = _sequence_sums(backend, logps, lpref.detach(), w, contrastive, weight_transform, transform_kwargs,
-                          rows, token_kl, kl)
+                          rows, token_kl, kl, collision)
     if group is not None:
         sums = all_reduce_sequence_sums(sums, group)
-    return pair_objective(sums, beta=beta, alpha=alpha, kl=kl, loss_type=loss_type, label_smoothing=label_smoothing)
+    return pair_objective(sums, beta=beta, alpha=alpha, kl=kl, loss_type=loss_type, label_smoothing=label_smoothing,
+                          loss_weights=loss_weights, discopop_tau=discopop_tau, use_weighting=use_weighting)
 
 
 class FusedTISDPOLoss(torch.nn.Module):
     """``nn.Module`` form of :func:`fused_tis_dpo_loss` (Liger-style): options at construction,
     tensors at call time. ``forward(hidden, weight, labels, **tensors) -> (loss, metrics)``."""
 
-    def __init__(self, *, beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0,
-                 weight_transform="origin", transform_kwargs=None, ignore_index=-100, backend="auto",
-                 chunk_size=None, deterministic=False, grad_filter_eps=None):
+    def __init__(self, *, beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0, loss_weights=None,
+                 discopop_tau=0.05, ld_alpha=None, use_weighting=False, weight_transform="origin",
+                 transform_kwargs=None, ignore_index=-100, backend="auto", chunk_size=None, deterministic=False,
+                 grad_filter_eps=None):
         super().__init__()
         self.options = dict(beta=beta, alpha=alpha, kl=kl, loss_type=loss_type, label_smoothing=label_smoothing,
+                            loss_weights=loss_weights, discopop_tau=discopop_tau, ld_alpha=ld_alpha,
+                            use_weighting=use_weighting,
                             weight_transform=weight_transform, transform_kwargs=transform_kwargs,
                             ignore_index=ignore_index, backend=backend, chunk_size=chunk_size,
                             deterministic=deterministic, grad_filter_eps=grad_filter_eps)

@@ -22,11 +22,14 @@ def test_configs_of_each_method(tmp_path):
     args = _args(tmp_path, beta=0.3, kl="tdpo1")
     plus, minus = contrastive_configs(args, "S")
     assert (plus.loss_type, plus.reverse_preferences, minus.loss_type, minus.reverse_preferences) == (
-        "sft", False, "sft", True)
+        ["sft"], False, ["sft"], True)
     assert plus.kl is None and plus.output_dir.endswith("run/plus") and minus.output_dir.endswith("run/minus")
     plus, minus = contrastive_configs(args, "D")
-    assert (plus.loss_type, minus.loss_type, minus.reverse_preferences) == ("sigmoid", "sigmoid", True)
+    assert (plus.loss_type, minus.loss_type, minus.reverse_preferences) == (["sigmoid"], ["sigmoid"], True)
     assert plus.beta == 0.3 and plus.kl == "tdpo1" and plus.max_steps == 12
+    mpo = _args(tmp_path, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], use_weighting=True)
+    plus, _ = contrastive_configs(mpo, "S")
+    assert (plus.loss_type, plus.loss_weights, plus.use_weighting) == (["sft"], None, False)
     with pytest.raises(ValueError, match="method P needs no training"):
         contrastive_configs(args, "P")
     with pytest.raises(TypeError, match="TISDPOConfig"):
