@@ -122,6 +122,13 @@ def _local_cu_seqlens(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     input_ids, attention_mask and labels along the sequence); packed batches cannot be split that way."""
     if inputs["labels"].shape[0] == 1:  # packed [1, N]; a padded batch has 2B >= 2 rows
         raise ValueError("context parallelism needs padded batches: set padding_free=False")
+    for key in ("token_weights", "ref_logps"):
+        if key in inputs and inputs[key].shape != inputs["labels"].shape:
+            raise ValueError(
+                f"context parallelism: the Trainer splits input_ids, attention_mask and labels along the sequence "
+                f"but not `{key}` ({tuple(inputs[key].shape)} vs labels {tuple(inputs['labels'].shape)}); run it "
+                "without weight columns and with an on-the-fly reference (precompute_ref_log_probs=False)"
+            )
     rows, width = inputs["labels"].shape
     return torch.arange(rows + 1, dtype=torch.int32, device=inputs["labels"].device) * width
 

@@ -229,14 +229,18 @@ def group_problem(dtype=torch.float64):
     return shards, pack(seqs)
 
 
-def group_loss(tensors, kl, group=None):
+# `group=` cases: name -> loss options (WPO's use_weighting adds the optional per-sequence sum LPA)
+GROUP_CASES = {"dpo": {}, "tisdpo-kl": {"kl": "tisdpo"}, "wpo": {"use_weighting": True}}
+
+
+def group_loss(tensors, options, group=None):
     """Loss, metrics and the gradients of hidden and weight (the head) for `group_problem` tensors."""
     hidden = tensors["hidden"].clone().requires_grad_(True)
     weight = tensors["weight"].clone().requires_grad_(True)
     loss, metrics = fused_tis_dpo_loss(
         hidden, weight, tensors["labels"], ref_hidden=tensors["ref_hidden"], ref_weight=tensors["ref_weight"],
-        token_weights=tensors["token_weights"], cu_seqlens=tensors["cu_seqlens"], kl=kl, beta=0.4, backend="torch",
-        group=group)
+        token_weights=tensors["token_weights"], cu_seqlens=tensors["cu_seqlens"], beta=0.4, backend="torch",
+        group=group, **options)
     loss.backward()
     return {"loss": loss.detach(), "metrics": metrics, "d_hidden": hidden.grad, "d_weight": weight.grad}
 
@@ -244,15 +248,15 @@ def group_loss(tensors, kl, group=None):
 def group_case(rank: int) -> dict:
     shards, _ = group_problem()
     out = {}
-    for kl in (None, "tisdpo"):
-        got = group_loss(shards[rank], kl, group=dist.group.WORLD)
+    for name, options in GROUP_CASES.items():
+        got = group_loss(shards[rank], options, group=dist.group.WORLD)
         dist.all_reduce(got["d_weight"])  # each rank's dW is its rows' share: the group sums them
         gathered = [None, None]
         dist.all_gather_object(gathered, (shards[rank]["index"], got["d_hidden"]))
         d_hidden = torch.zeros(sum(i.numel() for i, _ in gathered), got["d_hidden"].shape[1], dtype=torch.float64)
         for index, rows in gathered:
             d_hidden[index] = rows
-        out[str(kl)] = dict(got, d_hidden=d_hidden)
+        out[name] = dict(got, d_hidden=d_hidden)
     return out
 
 

@@ -75,15 +75,15 @@ def test_fsdp2_sharded_checkpoint_resumes(fsdp2):
         torch.testing.assert_close(result["resumed"][name], value, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("kl", [None, "tisdpo"])
-def test_group_loss_matches_one_process(fsdp2, kl):
+@pytest.mark.parametrize("case", list(sharded_run.GROUP_CASES))
+def test_group_loss_matches_one_process(fsdp2, case):
     """`fused_tis_dpo_loss(..., group=)` with the rows of each of 4 sequences split unevenly across 2 ranks (one
     rank holds no row of sequences 0 and 1, another only prompt rows): the one-process loss and metrics on every
     rank; the ranks' hidden-row gradients, gathered, and their head gradients, summed, are the one-process
     gradients. Float64: equal up to the reduction order (1e-12)."""
     _, whole = sharded_run.group_problem()
-    want = sharded_run.group_loss(whole, kl)
-    got = fsdp2["group"][str(kl)]
+    want = sharded_run.group_loss(whole, sharded_run.GROUP_CASES[case])
+    got = fsdp2["group"][case]
     torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-12, atol=1e-12)
     for name, value in want["metrics"].items():
         torch.testing.assert_close(got["metrics"][name], value, rtol=1e-12, atol=1e-12, msg=name)
