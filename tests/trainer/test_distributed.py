@@ -108,3 +108,33 @@ def test_zero3_steps_match_one_process(tmp_path):
     results = _launch("zero3", tmp_path)
     for case in sharded_run.ZERO3_CASES:
         _assert_same_run(sharded_run.run_single(case, str(tmp_path / "single")), results[case])
+
+
+def test_head_forward_runs_fn_as_the_head_modules_call():
+    """Outside FSDP2 the loss runs as the head module's forward (the hooks DeepSpeed relies on fire around it),
+    and the module's own forward is back afterwards."""
+    from tisdpo.distributed import head_forward
+
+    head = torch.nn.Linear(4, 6, bias=False)
+    seen = []
+    head.register_forward_pre_hook(lambda module, args: seen.append(("pre", tuple(args[0].shape))))
+    head.register_forward_hook(lambda module, args, out: seen.append(("post", tuple(out.shape))))
+    h = torch.randn(3, 4)
+    out = head_forward(head, lambda weight, bias, rows: (rows @ weight.T).sum(-1), h)
+    torch.testing.assert_close(out, (h @ head.weight.T).sum(-1))
+    assert seen == [("pre", (3, 4)), ("post", (3,))]
+    assert "forward" not in head.__dict__
+    torch.testing.assert_close(head(h), h @ head.weight.T)
+
+
+def test_context_parallel_local_layout():
+    """Under context parallelism each rank's padded slice gets its own row boundaries; packed batches and
+    per-token columns the Trainer does not split are refused."""
+    from tisdpo.trainer import _local_cu_seqlens
+
+    labels = torch.zeros(4, 5, dtype=torch.long)
+    assert _local_cu_seqlens({"labels": labels}).tolist() == [0, 5, 10, 15, 20]
+    with pytest.raises(ValueError, match="padded batches"):
+        _local_cu_seqlens({"labels": torch.zeros(1, 9, dtype=torch.long)})
+    with pytest.raises(ValueError, match="not `token_weights`"):
+        _local_cu_seqlens({"labels": labels, "token_weights": torch.ones(4, 10)})
