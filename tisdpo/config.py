@@ -6,10 +6,10 @@ follow TRL's `DPOConfig` names wherever the meaning is the same (`beta`, `loss_t
 `max_length`, `max_prompt_length`, `max_completion_length`, `truncation_mode`, `padding_free`,
 `precompute_ref_log_probs`, `precompute_ref_batch_size`, `model_init_kwargs`, `ref_model_init_kwargs`,
 `disable_dropout`, `dataset_num_proc`); the rest are ours (`alpha`, `kl`, `weight_transform`,
-`weight_transform_kwargs`, `reverse_preferences`, `ref_logps_cache_dir`, `loss_backend`, `loss_chunk_size`,
-`liger_model_patches`). The loss fields `loss_type` (a name or TRL's list form), `loss_weights`, `label_smoothing`,
-`discopop_tau`, `ld_alpha`, `use_weighting` and the deprecated `rpo_alpha` mean what they mean in TRL 1.16
-(`tisdpo_kernels.objectives` lists every loss type's formula); `loss_type='cdpo'` is ours.
+`weight_transform_kwargs`, `reverse_preferences`, `prefix_sharing`, `ref_logps_cache_dir`, `loss_backend`,
+`loss_chunk_size`, `liger_model_patches`). The loss fields `loss_type` (a name or TRL's list form), `loss_weights`,
+`label_smoothing`, `discopop_tau`, `ld_alpha`, `use_weighting` and the deprecated `rpo_alpha` mean what they mean in
+TRL 1.16 (`tisdpo_kernels.objectives` lists every loss type's formula); `loss_type='cdpo'` is ours.
 
 Two defaults differ from `TrainingArguments` on purpose:
 
@@ -34,6 +34,8 @@ from tisdpo_kernels.loss import BACKENDS as LOSS_BACKENDS
 from tisdpo_kernels.objectives import LOSS_TYPES, SMOOTHED_LOSS_TYPES, check_ld_alpha, loss_terms
 from tisdpo_kernels.reference import ELEMENTWISE_TRANSFORMS, KL_MODES, transform_params
 
+# need a whole response: the trainer applies them to the tokenised weight columns (tisdpo.weights), not in the loss
+PER_RESPONSE_TRANSFORMS = ("rank_based", "binary", "random")
 KL_VARIANTS = tuple(mode for mode in KL_MODES if mode is not None)
 TRUNCATION_MODES = ("keep_end", "keep_start")
 # transformers 5.x renamed `gradient_checkpointing` to `activation_checkpointing` (the old name became an alias)
@@ -157,8 +159,10 @@ class TISDPOConfig(TrainingArguments):
         metadata={
             "help": "Elementwise transform T applied to the token-weight columns (w = T(x)): 'origin' (identity), "
             "'threshold' (clip to [-1, 1]), 'threshold_and_scale' (clip to [-1.5, 1.5], map to [0.7, 1.3]), "
-            "'exp_clamp' (k * exp(mu * clamp(x, lower, upper))).",
-            "choices": list(ELEMENTWISE_TRANSFORMS),
+            "'exp_clamp' (k * exp(mu * clamp(x, lower, upper))); per response, applied to the tokenised (truncated) "
+            "responses before training: 'rank_based' (rank mapped onto [0.7, 1.3]), 'binary' (1 for the top half, "
+            "else 0), 'random' (uniform [0.7, 1.3], seeded); see tisdpo.weights.",
+            "choices": [*ELEMENTWISE_TRANSFORMS, *PER_RESPONSE_TRANSFORMS],
         },
     )
     weight_transform_kwargs: dict[str, Any] | str | None = field(
@@ -201,6 +205,18 @@ class TISDPOConfig(TrainingArguments):
             "cu_seqlens). None: pack when the attention implementation has a varlen/block-sparse kernel "
             "(flash_attention_2/3, flex_attention), pad otherwise. True also packs with sdpa/eager (exact, through a "
             "block-diagonal mask). False: always pad.",
+            "nargs": "?",
+            "const": True,
+        },
+    )
+    prefix_sharing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Run each pair as one [prompt | chosen | rejected] row, the prompt once (P+C+R tokens instead of "
+            "2P+C+R; tisdpo.prefix): rejected positions restart at the prompt's end and a custom mask keeps the "
+            "responses apart. None: on with flex_attention (a block-sparse FlexAttention mask; train on CUDA, "
+            "FlexAttention has no backward on CPU), off otherwise. True also runs it with sdpa/eager through a dense "
+            "4-D [rows, 1, T, T] mask (exact; pays for long prompts). Not for flash attention or loss_type='sft'.",
             "nargs": "?",
             "const": True,
         },
@@ -275,8 +291,19 @@ class TISDPOConfig(TrainingArguments):
                 f"`kl={self.kl!r}` needs the reference model's full distribution on the fly; it cannot be combined "
                 "with `precompute_ref_log_probs=True`"
             )
+        if self.prefix_sharing and self.sft_only:
+            raise ValueError("`prefix_sharing=True` needs chosen and rejected responses; loss_type='sft' uses only the "
+                             "chosen ones")
         # raises a ValueError naming weight_transform / transform_kwargs on an unknown name or key
-        transform_params(self.weight_transform, self.weight_transform_kwargs)
+        known = (*ELEMENTWISE_TRANSFORMS, *PER_RESPONSE_TRANSFORMS)
+        if self.weight_transform not in known:
+            raise ValueError(f"`weight_transform` must be one of {known}, got {self.weight_transform!r}")
+        if self.weight_transform in PER_RESPONSE_TRANSFORMS:
+            from .weights import transform_params as response_transform_params
+
+            response_transform_params(self.weight_transform, self.weight_transform_kwargs)
+        else:
+            transform_params(self.weight_transform, self.weight_transform_kwargs)
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(f"`truncation_mode` must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
         if self.loss_backend not in LOSS_BACKENDS:

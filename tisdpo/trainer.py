@@ -32,14 +32,16 @@ import pyarrow.compute as pc
 import torch
 from accelerate import PartialState
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
 
 from tisdpo_kernels import fused_linear_logprobs, fused_tis_dpo_loss
 from tisdpo_kernels.reference import apply_weight_transform
 
-from .config import TISDPOConfig
+from .config import PER_RESPONSE_TRANSFORMS, TISDPOConfig
 from .data import (
     CHOSEN_IDS,
+    CHOSEN_WEIGHTS,
     IGNORE_INDEX,
     PROMPT_IDS,
     REF_CHOSEN_LOGPS,
@@ -51,6 +53,7 @@ from .data import (
     split_responses,
 )
 from .distributed import context_parallel_group, full_frozen, head_forward, prepare_reference
+from .prefix import PREFIX_DOC_IDS, PrefixSharedCollator, check_attention, prefix_model_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +120,23 @@ def _lm_head(model: nn.Module) -> nn.Module:
     return model.get_output_embeddings()
 
 
+def _logprobs_fn(labels: torch.Tensor, args: TISDPOConfig, row_index: torch.Tensor | None = None):
+    """The `fn` of `head_forward` for per-token label log-probs: `fn(weight, bias, rows)`."""
+
+    def logprobs(weight, bias, rows):
+        return fused_linear_logprobs(rows, weight, labels, bias=bias, ignore_index=IGNORE_INDEX,
+                                     backend=args.loss_backend, chunk_size=args.loss_chunk_size, row_index=row_index)
+
+    return logprobs
+
+
 def _local_cu_seqlens(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Row boundaries of this rank's slice of a padded batch under context parallelism (the Trainer shards
     input_ids, attention_mask and labels along the sequence); packed batches cannot be split that way."""
     if inputs["labels"].shape[0] == 1:  # packed [1, N]; a padded batch has 2B >= 2 rows
         raise ValueError("context parallelism needs padded batches: set padding_free=False")
+    if "row_index" in inputs:
+        raise ValueError("context parallelism with prefix_sharing is not supported: set prefix_sharing=False")
     for key in ("token_weights", "ref_logps"):
         if key in inputs and inputs[key].shape != inputs["labels"].shape:
             raise ValueError(
@@ -131,6 +146,22 @@ def _local_cu_seqlens(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
             )
     rows, width = inputs["labels"].shape
     return torch.arange(rows + 1, dtype=torch.int32, device=inputs["labels"].device) * width
+
+
+def _resolve_prefix_sharing(args: TISDPOConfig, model: nn.Module, ref_model: nn.Module | None) -> bool:
+    """`args.prefix_sharing` resolved (None: on with flex_attention, where the block mask makes it pay), checked
+    against the attention implementations of both models; logs which attention path runs."""
+    attn = _attn_implementation(model)
+    enabled = args.prefix_sharing if args.prefix_sharing is not None else (
+        attn == "flex_attention" and not args.sft_only)
+    if not enabled:
+        return False
+    how = check_attention(attn, "model")
+    if ref_model is not None:
+        check_attention(_attn_implementation(ref_model), "ref_model")
+    logger.info("Prefix sharing: one [prompt | chosen | rejected] row per pair, the prompt run once; attention: %s.",
+                how)
+    return True
 
 
 def _chosen_half(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -185,7 +216,8 @@ def dataset_fingerprint(dataset: datasets.Dataset) -> str:
 
 
 def _tokenize(dataset: datasets.Dataset, name: str, tokenizer, args: TISDPOConfig) -> datasets.Dataset:
-    return prepare_preference_dataset(
+    """Tokenised `dataset`; a per-response `weight_transform` turns its weight columns into final weights here."""
+    tokenized = prepare_preference_dataset(
         dataset,
         tokenizer,
         max_length=args.max_length,
@@ -196,6 +228,12 @@ def _tokenize(dataset: datasets.Dataset, name: str, tokenizer, args: TISDPOConfi
         num_proc=args.dataset_num_proc,
         name=name,
     )
+    if args.weight_transform in PER_RESPONSE_TRANSFORMS and CHOSEN_WEIGHTS in tokenized.column_names:
+        from .weights import transform_token_weights
+
+        tokenized = transform_token_weights(tokenized, args.weight_transform, args.weight_transform_kwargs,
+                                            num_proc=args.dataset_num_proc)
+    return tokenized
 
 
 def _map_datasets(dataset, name: str, func):
@@ -292,6 +330,7 @@ class TISDPOTrainer(Trainer):
                 f"({PACKING_ATTENTION}); the model uses {attn!r}"
             )
         self.padding_free = args.padding_free if args.padding_free is not None else attn in EFFICIENT_PACKING_ATTENTION
+        self.prefix_sharing = _resolve_prefix_sharing(args, model, ref_model)
 
         def tokenize(dataset, name):
             return _tokenize(dataset, name, processing_class, args)
@@ -300,7 +339,8 @@ class TISDPOTrainer(Trainer):
             train_dataset = _map_datasets(train_dataset, "train", tokenize)
             eval_dataset = _map_datasets(eval_dataset, "eval", tokenize)
 
-        collator = PreferenceCollator(pad_token_id=processing_class.pad_token_id, padding_free=self.padding_free)
+        collator_class = PrefixSharedCollator if self.prefix_sharing else PreferenceCollator
+        collator = collator_class(pad_token_id=processing_class.pad_token_id, padding_free=self.padding_free)
         super().__init__(
             model=model,
             args=args,
@@ -355,11 +395,15 @@ class TISDPOTrainer(Trainer):
         def keep(_module, _args, output):
             captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
-        kwargs = {"input_ids": inputs["input_ids"]}
-        if "attention_mask" in inputs:
-            kwargs["attention_mask"] = inputs["attention_mask"]
-        if "position_ids" in inputs:
-            kwargs["position_ids"] = inputs["position_ids"]
+        if PREFIX_DOC_IDS in inputs:  # [prompt | chosen | rejected] rows: the 4-D mask (or block mask) of tisdpo.prefix
+            kwargs = prefix_model_inputs(inputs, _attn_implementation(decoder),
+                                         decoder.get_input_embeddings().weight.dtype)
+        else:
+            kwargs = {"input_ids": inputs["input_ids"]}
+            if "attention_mask" in inputs:
+                kwargs["attention_mask"] = inputs["attention_mask"]
+            if "position_ids" in inputs:
+                kwargs["position_ids"] = inputs["position_ids"]
         no_positions = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
         handle = decoder.register_forward_hook(keep)
         try:
@@ -426,9 +470,12 @@ class TISDPOTrainer(Trainer):
             # the transform runs in the loss's compute precision (float64 for float64 models, float32 otherwise)
             compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
             raw = inputs["token_weights"].reshape(-1).to(compute_dtype)
-            tensors["token_weights"] = apply_weight_transform(
-                raw, args.weight_transform, **(args.weight_transform_kwargs or {})
-            )
+            if args.weight_transform in PER_RESPONSE_TRANSFORMS:  # applied to the columns at tokenisation
+                tensors["token_weights"] = raw
+            else:
+                tensors["token_weights"] = apply_weight_transform(
+                    raw, args.weight_transform, **(args.weight_transform_kwargs or {})
+                )
         group = context_parallel_group(self.accelerator)
         cu_seqlens = inputs["cu_seqlens"]
         if group is not None:
@@ -441,6 +488,7 @@ class TISDPOTrainer(Trainer):
                 inputs["labels"].reshape(-1),
                 bias=bias,
                 cu_seqlens=cu_seqlens,
+                row_index=inputs.get("row_index"),
                 beta=args.beta,
                 alpha=args.alpha,
                 kl=args.kl,
@@ -462,9 +510,7 @@ class TISDPOTrainer(Trainer):
         hidden = self._hidden_states(model, chosen)
         head = _lm_head(self.accelerator.unwrap_model(model))
         labels = chosen["labels"].reshape(-1)
-        logps = head_forward(head, lambda weight, bias, rows: fused_linear_logprobs(
-            rows, weight, labels, bias=bias, ignore_index=IGNORE_INDEX, backend=self.args.loss_backend,
-            chunk_size=self.args.loss_chunk_size), hidden.reshape(-1, hidden.shape[-1]))
+        logps = head_forward(head, _logprobs_fn(labels, self.args), hidden.reshape(-1, hidden.shape[-1]))
         lengths = (cu[1:] - cu[:-1]).to(device=logps.device, dtype=torch.long)
         seq_ids = torch.arange(pairs, device=logps.device).repeat_interleave(lengths)
         sums = torch.zeros(pairs, dtype=logps.dtype, device=logps.device).index_add(0, seq_ids, logps)
@@ -579,16 +625,19 @@ class TISDPOTrainer(Trainer):
         source.eval()
         adapter_off = source.disable_adapter() if _is_peft_model(source) else contextlib.nullcontext()
         out: dict[str, list] = {c: [] for c in (REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS)}
+        logger.info("Precomputing reference log-probs for %d %s pairs (%d per batch) on %s.", len(dataset), name,
+                    batch_size, device)
+        progress = tqdm(loader, desc=f"Reference log-probs ({name})", unit="batch",
+                        disable=self.args.disable_tqdm or not self.accelerator.is_local_main_process)
         try:
             with adapter_off:
-                for batch in loader:
+                for batch in progress:
                     batch = {k: v.to(device) for k, v in batch.items()}
                     hidden = self._hidden_states(source, batch)
                     head = _lm_head(source)
                     labels = batch["labels"].reshape(-1)
-                    logps = head_forward(head, lambda weight, bias, rows, labels=labels: fused_linear_logprobs(
-                        rows, weight, labels, bias=bias, ignore_index=IGNORE_INDEX, backend=self.args.loss_backend,
-                        chunk_size=self.args.loss_chunk_size), hidden.reshape(-1, hidden.shape[-1]))
+                    logps = head_forward(head, _logprobs_fn(labels, self.args, batch.get("row_index")),
+                                         hidden.reshape(-1, hidden.shape[-1]))
                     sequences = split_responses(logps, labels, batch["cu_seqlens"])
                     pairs = len(sequences) // 2
                     for s, values in enumerate(sequences):

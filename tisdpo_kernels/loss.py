@@ -204,6 +204,29 @@ def _check_cu_seqlens(cu_seqlens, n_tokens):
         )
 
 
+def _check_finite_result(result, inputs):
+    """One rule for non-finite inputs the forward reads whole (hidden, weight, bias and their reference twins):
+    instead of scanning each input on every call, check the (small) result for NaN/inf -- ``result`` holds the
+    loss and the per-sequence sums, or the per-token log-probs -- and only when it is not finite look for the
+    input to blame. Cost per call: one reduction over the result and one host sync (``bool``), which waits for
+    the forward kernels to finish before the backward is queued; the input scans run only on the error path.
+    ``inputs``: ``(name, tensor, or a function returning one, or None)`` pairs, hidden rows restricted to the
+    response rows."""
+    if bool(torch.isfinite(result).all()):
+        return
+    for name, t in inputs:
+        t = t() if callable(t) else t
+        if t is not None:
+            bad = ~torch.isfinite(t.detach()).reshape(t.shape[0], -1).all(dim=1) if t.dim() else ~torch.isfinite(t)
+            if bool(bad.any()):
+                where = "response rows" if name.endswith("hidden") else "rows"
+                raise ValueError(f"{name} has non-finite values (NaN/inf): {int(bad.sum())} of {bad.numel()} "
+                                 f"{where}, so the loss would be NaN/inf")
+    names = ", ".join(name for name, t in inputs if t is not None)
+    raise ValueError(f"the loss is not finite although every input ({names}) is: the values overflow in the "
+                     "computation (e.g. hidden states or logits too large for the dtype)")
+
+
 @dataclass(frozen=True)
 class _Rows:
     """The response rows of a batch, flattened: index into the flattened batch and sequence ids."""
@@ -235,13 +258,42 @@ def _gather_rows(t, index):
     return t.reshape(-1, t.shape[-1]).index_select(0, index)
 
 
+def _check_row_index(row_index, labels, hidden):
+    """The explicit-rows form: ``row_index`` ``[n]`` int32/int64 into ``hidden.reshape(-1, D)``, one per entry
+    of the 1-D ``labels`` ``[n]``. Returns a zero-copy ``[n, D]`` stand-in for ``hidden`` (its dtype, device and
+    the shape of the gathered rows) for the shared shape/dtype/label checks of ``_check_linear``."""
+    _check_float("hidden", hidden)
+    if not isinstance(row_index, torch.Tensor) or row_index.dtype not in (torch.int32, torch.int64):
+        got = getattr(row_index, "dtype", type(row_index).__name__)
+        raise TypeError(f"row_index must be an int32/int64 tensor [n], got {got}")
+    if row_index.dim() != 1:
+        raise ValueError(f"row_index must be 1-D [n], got shape {tuple(row_index.shape)}")
+    if row_index.device != hidden.device:
+        raise ValueError(f"row_index is on {row_index.device} but hidden is on {hidden.device}")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.numel() != row_index.numel():
+        raise ValueError(
+            f"with row_index, labels must be 1-D with one label per row: labels shape "
+            f"{tuple(getattr(labels, 'shape', ()))}, row_index has {row_index.numel()} entries"
+        )
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be [..., D], got shape {tuple(hidden.shape)}")
+    rows = math.prod(hidden.shape[:-1])
+    bad = (row_index < 0) | (row_index >= rows)
+    if bool(bad.any()):
+        raise ValueError(
+            f"row_index must lie in [0, {rows}) (the rows of hidden.reshape(-1, D)); found {row_index[bad][0].item()} "
+            f"({int(bad.sum())} bad entries)"
+        )
+    return hidden.reshape(-1, hidden.shape[-1])[:1].expand(row_index.numel(), -1)
+
+
 # ----------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------
 
 
 def fused_linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, backend="auto", chunk_size=None,
-                          deterministic=False, grad_filter_eps=None):
+                          deterministic=False, grad_filter_eps=None, row_index=None):
     """Per-token label log-probs without materialising the logits.
 
     Plain-torch equivalent::
@@ -249,22 +301,33 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
         logp = torch.log_softmax((hidden @ weight.T + bias).float(), -1)
         out = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != ignore_index)
 
+    With ``row_index`` the same with ``hidden`` replaced by ``hidden.reshape(-1, D)[row_index]``.
+
     Args:
         hidden: ``[..., D]`` fp16/bf16/fp32/fp64 (any leading shape, e.g. ``[B, T, D]`` or packed ``[N, D]``).
         weight: ``[V, D]``, same dtype. bias: ``[V]`` or None.
-        labels: ``[...]`` integer, ``hidden.shape[:-1]``, already aligned with ``hidden`` (no shift inside).
+        labels: ``[...]`` integer, ``hidden.shape[:-1]``, already aligned with ``hidden`` (no shift inside); with
+            ``row_index``: ``[n]``, the label of each named row.
+        row_index: ``[n]`` int32/int64 or None: explicit rows of ``hidden.reshape(-1, D)`` whose log-probs are
+            wanted (a row may appear several times, e.g. a shared prompt's last row predicting the first token of
+            two responses, see ``tisdpo.prefix``); its gradients add up.
         backend, chunk_size, deterministic, grad_filter_eps: as in :func:`fused_tis_dpo_loss`.
     Returns:
-        ``[...]`` float32 (float64 for float64 inputs), 0 at ignored positions; differentiable w.r.t.
-        hidden, weight and bias.
+        ``[...]`` (``[n]`` with ``row_index``) float32 (float64 for float64 inputs), 0 at ignored positions;
+        differentiable w.r.t. hidden, weight and bias.
     """
-    _check_linear(hidden, weight, bias, labels, ignore_index)
+    if row_index is None:
+        _check_linear(hidden, weight, bias, labels, ignore_index)
+    else:
+        _check_linear(_check_row_index(row_index, labels, hidden), weight, bias, labels, ignore_index)
     backend = _resolve_backend(backend, hidden.device)
     opts = _kernel_options(chunk_size, deterministic, grad_filter_eps)
     flat = labels.reshape(-1)
     index = (flat != ignore_index).nonzero().squeeze(1)
-    rows = _linear_logprobs_rows(backend, _gather_rows(hidden, index), weight, flat[index].to(torch.long), bias,
-                                 opts)
+    hidden_index = index if row_index is None else row_index.to(torch.long)[index]
+    h_rows = _gather_rows(hidden, hidden_index)
+    rows = _linear_logprobs_rows(backend, h_rows, weight, flat[index].to(torch.long), bias, opts)
+    _check_finite_result(rows.detach(), (("hidden", h_rows), ("weight", weight), ("bias", bias)))
     out = torch.zeros(flat.shape[0], dtype=rows.dtype, device=rows.device).index_copy(0, index, rows)
     return out.view(labels.shape)
 
@@ -274,7 +337,7 @@ def fused_tis_dpo_loss(
     token_weights=None, contrastive_logps=None, weight_transform="origin", transform_kwargs=None,
     beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0, loss_weights=None, discopop_tau=0.05,
     ld_alpha=None, use_weighting=False, ignore_index=-100, cu_seqlens=None, backend="auto", chunk_size=None,
-    deterministic=False, grad_filter_eps=None, group=None,
+    deterministic=False, grad_filter_eps=None, row_index=None, group=None,
 ):
     """TIS-DPO / DPO / TDPO loss from last hidden states, never materialising ``[tokens, V]`` logits.
 
@@ -311,6 +374,13 @@ def fused_tis_dpo_loss(
             constant (``reference.pair_objective``). Needs the full policy distribution per token: the torch
             backend computes it in its chunked pass; the Triton kernels do not, so it raises there.
         cu_seqlens: ``[2B+1]`` int32/int64 boundaries of packed sequences, chosen first then rejected.
+        row_index: explicit response rows (prefix-shared layouts, ``tisdpo.prefix``): ``[n]`` int32/int64 indices
+            into ``hidden.reshape(-1, D)`` (any leading shape), one per entry of ``labels`` ``[n]``; a row may
+            appear twice (a shared prompt's last row predicts the first chosen and the first rejected token).
+            Needs ``cu_seqlens`` ``[2B+1]``, the sequence boundaries over these ``n`` entries (chosen sequences
+            first). ``ref_hidden`` stays shaped like ``hidden`` and is gathered with the same rows; ``ref_logps``,
+            ``token_weights`` and ``contrastive_logps`` are shaped like ``labels``. The result equals the packed
+            call on ``hidden.reshape(-1, D)[row_index]``; gradients of a repeated row add up.
         backend: ``"auto"`` | ``"torch"`` | ``"triton"``. chunk_size: rows per chunk of the torch path.
         deterministic: Triton only: an atomic-free, bit-reproducible backward (about 1.3x its FLOPs); the
             torch path is always deterministic.
@@ -329,6 +399,10 @@ def fused_tis_dpo_loss(
         ``logps/{chosen,rejected}`` (summed, unweighted), ``logps/{chosen,rejected}_weighted``,
         ``weights/{chosen,rejected}_mean`` (these include the ``ld_alpha`` weights), with a KL variant
         ``kl/{chosen,rejected}`` and with ``use_weighting`` ``weights/wpo_pair_mean``.
+    Raises:
+        ``ValueError`` naming the argument for bad input, including a NaN/inf in ``hidden`` (response rows),
+        ``weight``, ``bias`` or their ``ref_`` twins, found when the loss or a per-sequence sum is not finite
+        (one host sync per call), and a ``weight_transform`` / ``transform_kwargs`` without ``contrastive_logps``.
     """
     if kl not in KL_MODES:
         raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
@@ -339,14 +413,23 @@ def fused_tis_dpo_loss(
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     check_ld_alpha(ld_alpha)
 
-    vocab = _check_linear(hidden, weight, bias, labels, ignore_index)
-    if cu_seqlens is None:
+    if row_index is not None:
+        vocab = _check_linear(_check_row_index(row_index, labels, hidden), weight, bias, labels, ignore_index)
+        if cu_seqlens is None:
+            raise ValueError("row_index needs cu_seqlens: the [2B+1] sequence boundaries over the rows it names")
+        _check_cu_seqlens(cu_seqlens, labels.numel())
+        cu_seqlens = cu_seqlens.to(hidden.device)
+    else:
+        vocab = _check_linear(hidden, weight, bias, labels, ignore_index)
+    if row_index is None and cu_seqlens is None:
         if hidden.dim() != 3:
             raise ValueError(f"hidden must be [2B, T, D] (or packed [N, D] with cu_seqlens), got {tuple(hidden.shape)}")
+        if hidden.shape[0] == 0:
+            raise ValueError("hidden has no rows: a padded batch needs at least one pair (B chosen then B rejected)")
         if hidden.shape[0] % 2:
             raise ValueError(f"hidden has an odd number of rows ({hidden.shape[0]}): rows must be B chosen then "
                              "B rejected")
-    else:
+    elif row_index is None:
         if hidden.dim() != 2:
             raise ValueError(f"with cu_seqlens, hidden must be packed [N, D], got {tuple(hidden.shape)}")
         _check_cu_seqlens(cu_seqlens, hidden.shape[0])
@@ -379,7 +462,14 @@ def fused_tis_dpo_loss(
             raise TypeError("contrastive_logps must be a pair (pos_logps, neg_logps)")
         for name, t in zip(("contrastive_logps[0]", "contrastive_logps[1]"), contrastive_logps, strict=True):
             _check_token_tensor(name, t, labels.shape, valid)
-        transform_params(weight_transform, transform_kwargs)
+    transform_params(weight_transform, transform_kwargs)  # an unknown name or key is an error whatever the weights
+    if contrastive_logps is None and (weight_transform != "origin" or transform_kwargs):
+        given = "token_weights, which are used as given" if token_weights is not None else "no weights (DPO)"
+        raise ValueError(
+            f"weight_transform={weight_transform!r} / transform_kwargs apply to contrastive_logps only, but the call "
+            f"passes {given}; transform token weights before the call (tisdpo_kernels.reference."
+            "apply_weight_transform) or leave weight_transform='origin'"
+        )
 
     if group is not None:
         check_group(group)
@@ -394,11 +484,12 @@ def fused_tis_dpo_loss(
         )
     opts = _kernel_options(chunk_size, deterministic, grad_filter_eps)
     rows = _response_rows(labels, cu_seqlens, ignore_index, group)
-    h_rows = _gather_rows(hidden, rows.index)
+    hidden_index = rows.index if row_index is None else row_index.to(torch.long)[rows.index]
+    h_rows = _gather_rows(hidden, hidden_index)
     token_kl = collision = None
     if kl is not None:
         mode = "tis" if kl == "tisdpo" else "tdpo"
-        ref_rows = _gather_rows(ref_hidden.detach(), rows.index)
+        ref_rows = _gather_rows(ref_hidden.detach(), hidden_index)
         out = _linear_kl_rows(backend, h_rows, weight, rows.labels, ref_rows, ref_weight.detach(), mode, bias,
                               None if ref_bias is None else ref_bias.detach(), opts, log_collision=use_weighting)
         logps, lpref, token_kl = out[:3]
@@ -411,7 +502,7 @@ def fused_tis_dpo_loss(
             lpref = ref_logps.reshape(-1)[rows.index].to(logps.dtype)
         else:
             with torch.no_grad():
-                lpref = _linear_logprobs_rows(backend, _gather_rows(ref_hidden, rows.index), ref_weight,
+                lpref = _linear_logprobs_rows(backend, _gather_rows(ref_hidden, hidden_index), ref_weight,
                                               rows.labels, ref_bias, opts)
     w = None if token_weights is None else token_weights.reshape(-1)[rows.index].to(logps.dtype).detach()
     contrastive = None
@@ -428,8 +519,14 @@ def fused_tis_dpo_loss(
                           rows, token_kl, kl, collision)
     if group is not None:
         sums = all_reduce_sequence_sums(sums, group)
-    return pair_objective(sums, beta=beta, alpha=alpha, kl=kl, loss_type=loss_type, label_smoothing=label_smoothing,
-                          loss_weights=loss_weights, discopop_tau=discopop_tau, use_weighting=use_weighting)
+    loss, metrics = pair_objective(sums, beta=beta, alpha=alpha, kl=kl, loss_type=loss_type,
+                                   label_smoothing=label_smoothing, loss_weights=loss_weights,
+                                   discopop_tau=discopop_tau, use_weighting=use_weighting)
+    ref_rows = None if ref_hidden is None else (lambda: _gather_rows(ref_hidden, hidden_index))
+    _check_finite_result(torch.cat([loss.detach().reshape(1), sums.M.detach(), sums.LP.detach(), sums.K.detach()]),
+                         (("hidden", h_rows), ("weight", weight), ("bias", bias), ("ref_hidden", ref_rows),
+                          ("ref_weight", ref_weight), ("ref_bias", ref_bias)))
+    return loss, metrics
 
 
 class FusedTISDPOLoss(torch.nn.Module):
