@@ -77,8 +77,8 @@ def test_fsdp2_sharded_checkpoint_resumes(fsdp2):
 
 @pytest.mark.parametrize("case", list(sharded_run.GROUP_CASES))
 def test_group_loss_matches_one_process(fsdp2, case):
-    """`fused_tis_dpo_loss(..., group=)` with the rows of each of 4 sequences split unevenly across 2 ranks (one
-    rank holds no row of sequences 0 and 1, another only prompt rows): the one-process loss and metrics on every
+    """`fused_tis_dpo_loss(..., group=)` with the rows of each of 4 sequences split unevenly across 2 ranks (rank 1
+    holds no row of sequence 0, rank 0 only prompt rows of sequence 1): the one-process loss and metrics on every
     rank; the ranks' hidden-row gradients, gathered, and their head gradients, summed, are the one-process
     gradients. Float64: equal up to the reduction order (1e-12)."""
     _, whole = sharded_run.group_problem()
