@@ -84,3 +84,41 @@ def linear_config(vocab: int, dim: int) -> LinearConfig:
 # A launch aims for this many programs per streaming multiprocessor before the forward splits the
 # vocabulary across programs (each split writes a partial log-sum-exp, merged on the host side).
 TARGET_WAVES = 4
+
+
+# ----------------------------------------------------------------------------------------------
+# the vocabulary-split path (``linear_split.py``)
+# ----------------------------------------------------------------------------------------------
+
+# Split widths are multiples of this (a GEMM tile edge); at most SPLIT_MAX_COLUMNS (Megatron-LM's
+# Hopper splits are ~3072 columns; wider buys no GEMM efficiency and costs scratch).
+SPLIT_COLUMN_MULTIPLE = 128
+SPLIT_MAX_COLUMNS = 4096
+# Default cap of the split buffers (fp32 logits, dz, the per-split dW accumulator when rows are
+# chunked). At the Llama-3-8B shape (2 x 8192 rows, D=4096, bf16) it gives 2048-column splits, and with
+# the fp32 [n, D] dH accumulator (256 MiB) the extra memory stays under the issue's 0.5 GiB target.
+SPLIT_SCRATCH_BYTES = 192 * 2**20
+
+
+@dataclass(frozen=True)
+class SplitTiles:
+    """Block shapes of the split path's elementwise kernels (rows x columns of one program, warps)."""
+
+    stats_rows: int
+    stats_cols: int
+    stats_warps: int
+    dz_rows: int
+    dz_cols: int
+    dz_warps: int
+
+
+# GPU: ~16 fp32 elements per thread and array, so the KL variants stay far from the register limit.
+_SPLIT_GPU = SplitTiles(stats_rows=4, stats_cols=512, stats_warps=4, dz_rows=16, dz_cols=256, dz_warps=8)
+
+
+def split_tiles(cols: int) -> SplitTiles:
+    """Tiles of the split kernels for a split of ``cols`` columns; the interpreter takes few, large blocks."""
+    if interpreting():
+        width = min(1024, 1 << max(4, (cols - 1).bit_length()))
+        return SplitTiles(stats_rows=32, stats_cols=width, stats_warps=4, dz_rows=32, dz_cols=width, dz_warps=4)
+    return _SPLIT_GPU

@@ -304,8 +304,10 @@ class ForwardStats:
     kl: torch.Tensor | None = None
 
 
-def check_head(hidden, weight, bias, labels=None, prefix=""):
-    """Validate one head's tensors for the Triton kernels (raises TypeError / ValueError naming the argument)."""
+def check_head(hidden, weight, bias, labels=None, prefix="", triton_device=True):
+    """Validate one head's tensors for the Triton kernels (raises TypeError / ValueError naming the argument).
+
+    ``triton_device=False`` skips the CUDA-or-interpreter check (for paths that also run on plain CPU)."""
     for name, t in ((f"{prefix}hidden", hidden), (f"{prefix}weight", weight), (f"{prefix}bias", bias)):
         if t is None and name.endswith("bias"):
             continue
@@ -318,7 +320,7 @@ def check_head(hidden, weight, bias, labels=None, prefix=""):
             raise TypeError(f"{name} has dtype {t.dtype} but {prefix}hidden has {hidden.dtype}")
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but {prefix}hidden is on {hidden.device}")
-    if hidden.device.type != "cuda" and not interpreting():
+    if triton_device and hidden.device.type != "cuda" and not interpreting():
         raise ValueError(f"{prefix}hidden is on {hidden.device}: the Triton kernels need CUDA tensors, or "
                          "TRITON_INTERPRET=1 set before triton is imported for CPU tensors")
     if hidden.dim() != 2 or weight.dim() != 2:
