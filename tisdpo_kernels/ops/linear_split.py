@@ -590,6 +590,6 @@ def split_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=N
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"ref_weight has vocabulary {ref_weight.shape[0]} but weight has {weight.shape[0]}")
     params = _params(KL_MODES[mode], scratch_bytes, fp32_precision, elementwise)
+    ref_bias = _unit_stride(None if ref_bias is None else ref_bias.detach())
     return SplitLinearKLFunction.apply(hidden, weight, _unit_stride(bias), labels.contiguous(), ref_hidden.detach(),
-                                       ref_weight.detach(), _unit_stride(None if ref_bias is None else ref_bias.detach()),
-                                       params)
+                                       ref_weight.detach(), ref_bias, params)
