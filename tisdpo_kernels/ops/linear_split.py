@@ -133,13 +133,15 @@ def _split_dz_kernel(
     z_ptr, zr_ptr, b_ptr, rb_ptr, labels_ptr,
     # saved per-row statistics and upstream gradients, each [n] fp32
     lse_ptr, g_ptr, ref_lse_ptr, kl_ptr, gk_ptr,
-    # output: dz [rows, cols] in the input dtype (may alias z_ptr for fp32 inputs: same element, same program)
-    dz_ptr,
+    # outputs: dz [rows, cols] in the input dtype (may alias z_ptr for fp32 inputs: same element, same
+    # program); with HAS_DB the fp32 column sums of this tile's dz, [row tiles, cols]
+    dz_ptr, db_ptr,
     rows, cols, row0, v0,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, KL_MODE: tl.constexpr, HAS_GRAD_KL: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_DB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Program = one [BLOCK_R, BLOCK_S] tile: ``dz = g (onehot - p)`` (+ the KL term), written once."""
+    """Program = one [BLOCK_R, BLOCK_S] tile: ``dz = g (onehot - p)`` (+ the KL term), written once; the
+    bias gradient's partial sums come from the fp32 ``dz`` (before its rounding to the input dtype)."""
     local = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     row_mask = local < rows
@@ -167,7 +169,11 @@ def _split_dz_kernel(
             dz += gk * p * (logp - logq - token_kl)
         else:  # d KL(q||p) / dz = p - q
             dz += gk * (p - tl.where(mask, tl.exp(logq), 0.0))
-    tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    dz = tl.where(mask, dz, 0.0)  # a column past this split may hold a label of the next one
+    # explicit round-to-nearest-even: the GPU default, but the interpreter truncates fp32 -> bf16 without it
+    tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+    if HAS_DB:
+        tl.store(db_ptr + _offsets64(tl.program_id(0), cols) + c, tl.sum(dz, 0), mask=col_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,16 +206,18 @@ class SplitPlan:
     chunked: bool
 
 
-def scratch_bytes_per_element(dtype: torch.dtype, kl: bool) -> int:
-    """Scratch bytes per (row, column) of a split: fp32 logits (x2 with the reference head) and ``dz``
-    in the input dtype (none for fp32 inputs: ``dz`` overwrites the logits in place)."""
-    return 4 * (2 if kl else 1) + (0 if dtype == torch.float32 else torch.finfo(dtype).bits // 8)
+def scratch_bytes_per_element(dtype: torch.dtype, kl: bool, bias: bool = False) -> int:
+    """Scratch bytes per (row, column) of a split: fp32 logits (x2 with the reference head), ``dz`` in the
+    input dtype (none for fp32 inputs: ``dz`` overwrites the logits in place) and, with a bias, 1 byte
+    for the fp32 per-tile column sums of ``dz`` (one row per ``dz`` tile of at least 16 rows: <= 4/16)."""
+    return 4 * (2 if kl else 1) + (0 if dtype == torch.float32 else torch.finfo(dtype).bits // 8) + int(bias)
 
 
-def split_plan(n: int, vocab: int, dim: int, dtype: torch.dtype, kl: bool, cap: int) -> SplitPlan:
+def split_plan(n: int, vocab: int, dim: int, dtype: torch.dtype, kl: bool, cap: int,
+               bias: bool = False) -> SplitPlan:
     """Split width ``S`` (a multiple of 128, at most ``SPLIT_MAX_COLUMNS``) and rows per chunk such that the
     split buffers, plus the fp32 ``[S, D]`` weight-gradient accumulator once rows are chunked, fit ``cap``."""
-    per = scratch_bytes_per_element(dtype, kl)
+    per = scratch_bytes_per_element(dtype, kl, bias)
     unit = SPLIT_COLUMN_MULTIPLE
     widest = min(SPLIT_MAX_COLUMNS, triton.cdiv(vocab, unit) * unit)
     cols = min(widest, cap // (max(n, 1) * per) // unit * unit)
@@ -318,7 +326,7 @@ def _stats_torch(z, zr, b, rb, labels, st, r0, v0, kl_mode):
             st["acc"][r0:r1] = st["acc"][r0:r1] * ref_scale - (er * (z - zr)).sum(1)
 
 
-def _dz_torch(z, zr, b, rb, labels, lse, g, ref_lse, token_kl, gk, dz, r0, v0, kl_mode):
+def _dz_torch(z, zr, b, rb, labels, lse, g, ref_lse, token_kl, gk, dz, r0, v0, kl_mode, db=None):
     """The torch twin of ``_split_dz_kernel`` (plain CPU tensors)."""
     r1, cols = r0 + z.shape[0], z.shape[1]
     if b is not None:
@@ -338,6 +346,8 @@ def _dz_torch(z, zr, b, rb, labels, lse, g, ref_lse, token_kl, gk, dz, r0, v0, k
         else:
             out += gk[r0:r1, None] * (p - torch.exp(logq))
     dz.copy_(out)
+    if db is not None:
+        torch.sum(out, 0, out=db)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,9 +355,10 @@ def _dz_torch(z, zr, b, rb, labels, lse, g, ref_lse, token_kl, gk, dz, r0, v0, k
 # ----------------------------------------------------------------------------------------------
 
 
-def _plan(params: SplitParams, hidden, weight) -> SplitPlan:
+def _plan(params: SplitParams, hidden, weight, bias) -> SplitPlan:
     cap = SPLIT_SCRATCH_BYTES if params.scratch_bytes is None else params.scratch_bytes
-    return split_plan(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype, params.kl_mode != 0, cap)
+    return split_plan(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype, params.kl_mode != 0, cap,
+                      bias is not None)
 
 
 def _blocks(n_rows, vocab, plan):
@@ -369,7 +380,7 @@ def split_forward(hidden, weight, bias, labels, params: SplitParams, ref: RefHea
     if n == 0:
         empty = st["m"]
         return ForwardStats(empty, empty, *((empty,) * 3 if kl else ()))
-    plan = _plan(params, hidden, weight)
+    plan = _plan(params, hidden, weight, bias)
     zbuf = _alloc((plan.rows * plan.cols,), torch.float32, dev)
     zrbuf = _alloc((plan.rows * plan.cols,), torch.float32, dev) if kl else None
     use_triton = _use_triton(params, dev)
@@ -431,7 +442,7 @@ def split_backward(hidden, weight, bias, labels, lse, grad_logps, params: SplitP
     zeros = _alloc((n,), torch.float32, dev).zero_()  # placeholder of absent upstream gradients
     g = zeros if grad_logps is None else grad_logps.to(torch.float32).contiguous()
     gk = grad_kl.to(torch.float32).contiguous() if has_grad_kl else None
-    plan = _plan(params, hidden, weight)
+    plan = _plan(params, hidden, weight, bias)
     kl = params.kl_mode != 0
     zbuf = _alloc((plan.rows * plan.cols,), torch.float32, dev)
     zrbuf = _alloc((plan.rows * plan.cols,), torch.float32, dev) if has_grad_kl else None
@@ -441,6 +452,8 @@ def split_backward(hidden, weight, bias, labels, lse, grad_logps, params: SplitP
     b_acc = _alloc((plan.cols,), torch.float32, dev) if need_b else None
     use_triton = _use_triton(params, dev)
     tiles = split_tiles(plan.cols)
+    db_rows = triton.cdiv(plan.rows, tiles.dz_rows) if use_triton else 1
+    db_part = _alloc((db_rows * plan.cols,), torch.float32, dev) if need_b else None
     with _fp32_matmul(dev, params.fp32_precision):
         for r0, r1, v0, v1 in _blocks(n, vocab, plan):
             rows, cols = r1 - r0, v1 - v0
@@ -454,14 +467,15 @@ def split_backward(hidden, weight, bias, labels, lse, grad_logps, params: SplitP
                 grid = (triton.cdiv(rows, tiles.dz_rows), triton.cdiv(cols, tiles.dz_cols))
                 _split_dz_kernel[grid](
                     z, _or(zr, z), _or(bias, z), _or(ref.bias if kl else None, z), labels,
-                    lse, g, _or(ref_lse, zeros), _or(token_kl, zeros), _or(gk, zeros), dz,
+                    lse, g, _or(ref_lse, zeros), _or(token_kl, zeros), _or(gk, zeros), dz, _or(db_part, zeros),
                     rows, cols, r0, v0,
                     HAS_BIAS=bias is not None, HAS_REF_BIAS=kl and ref.bias is not None, KL_MODE=params.kl_mode,
-                    HAS_GRAD_KL=has_grad_kl, BLOCK_R=tiles.dz_rows, BLOCK_S=tiles.dz_cols, num_warps=tiles.dz_warps,
+                    HAS_GRAD_KL=has_grad_kl, HAS_DB=need_b, BLOCK_R=tiles.dz_rows, BLOCK_S=tiles.dz_cols,
+                    num_warps=tiles.dz_warps,
                 )
             else:
                 _dz_torch(z, zr, bias, ref.bias if kl else None, labels, lse, g, ref_lse, token_kl, gk, dz, r0, v0,
-                          params.kl_mode)
+                          params.kl_mode, None if db_part is None else db_part[:cols])
             if need_h:
                 _addmm_f32(d_hidden[r0:r1], dz, weight[v0:v1])
             if need_w:
@@ -475,7 +489,7 @@ def split_backward(hidden, weight, bias, labels, lse, grad_logps, params: SplitP
                     if last:
                         d_weight[v0:v1].copy_(acc)
             if need_b:
-                part = torch.sum(dz, 0, dtype=torch.float32)
+                part = db_part[:grid[0] * cols].view(grid[0], cols).sum(0) if use_triton else db_part[:cols]
                 if first:
                     b_acc[:cols].copy_(part)
                 else:
