@@ -336,7 +336,7 @@ def _dz_torch(z, zr, b, rb, labels, lse, g, ref_lse, token_kl, gk, dz, r0, v0, k
     out = -g[r0:r1, None] * p
     lab = labels[r0:r1] - v0
     inside = (lab >= 0) & (lab < cols)
-    out[inside.nonzero()[:, 0], lab[inside]] += g[r0:r1][inside]
+    out.scatter_add_(1, lab.clamp(0, cols - 1)[:, None], torch.where(inside, g[r0:r1], 0.0)[:, None])
     if gk is not None:
         if rb is not None:
             zr = zr + rb[v0:v0 + cols].float()
