@@ -46,6 +46,10 @@ class LinearConfig:
     bwd: TileConfig
     fwd_splits: int | None = None
     bwd_splits: int | None = None
+    fwd_kl: TileConfig | None = None  # forward with a KL mode (two logit tiles live); None: ``fwd``
+
+    def forward_tile(self, kl_mode: int) -> TileConfig:
+        return self.fwd if kl_mode == 0 or self.fwd_kl is None else self.fwd_kl
 
 
 def interpreting() -> bool:
@@ -60,8 +64,11 @@ _INTERPRETER = LinearConfig(fwd=TileConfig(32, 128, 64), bwd=TileConfig(32, 128,
 _GPU_BY_D = (
     (1024, LinearConfig(fwd=TileConfig(64, 128, 64, num_warps=4, num_stages=3),
                         bwd=TileConfig(64, 128, 64, num_warps=4, num_stages=2))),
+    # the KL forward holds two [BLOCK_N, BLOCK_V] fp32 logit tiles: at 128 rows it spilled (255 registers,
+    # 264 B with kl="tis", tests/kernels/compile_for_gpu.py); 64 rows keep it in registers
     (None, LinearConfig(fwd=TileConfig(128, 128, 64, num_warps=8, num_stages=3),
-                        bwd=TileConfig(64, 128, 64, num_warps=8, num_stages=2))),
+                        bwd=TileConfig(64, 128, 64, num_warps=8, num_stages=2),
+                        fwd_kl=TileConfig(64, 128, 64, num_warps=8, num_stages=3))),
 )
 
 
@@ -77,7 +84,8 @@ def linear_config(vocab: int, dim: int) -> LinearConfig:
     cfg = next(c for bound, c in _GPU_BY_D if bound is None or dim <= bound)
     if vocab <= _SMALL_VOCAB:
         cfg = LinearConfig(fwd=replace(cfg.fwd, block_v=64), bwd=replace(cfg.bwd, block_v=64),
-                           fwd_splits=cfg.fwd_splits, bwd_splits=cfg.bwd_splits)
+                           fwd_splits=cfg.fwd_splits, bwd_splits=cfg.bwd_splits,
+                           fwd_kl=None if cfg.fwd_kl is None else replace(cfg.fwd_kl, block_v=64))
     return cfg
 
 

@@ -391,7 +391,7 @@ def linear_forward(hidden, weight, bias, labels, params: LinearParams, ref: RefH
         empty = torch.empty(0, dtype=torch.float32, device=dev)
         return ForwardStats(empty, empty, *((empty,) * 3 if ref is not None else ()))
     cfg = _resolve_config(params, weight)
-    tile = cfg.fwd
+    tile = cfg.forward_tile(params.kl_mode)
     row_blocks = triton.cdiv(n, tile.block_n)
     v_tiles = triton.cdiv(vocab, tile.block_v)
     if cfg.fwd_splits:
