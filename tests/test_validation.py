@@ -163,3 +163,62 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(b, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         _call(b, backend="triton")
+
+
+def test_weight_transform_needs_contrastive_logps(b):
+    """A transform is applied to contrastive_logps only: given with token_weights (or with no weights) it used to
+    be ignored silently, even an unknown name."""
+    with pytest.raises(ValueError, match="weight_transform='exp_clamp' / transform_kwargs apply to contrastive_logps "
+                                         "only, but the call passes token_weights"):
+        _call(b, token_weights=b.token_weights, weight_transform="exp_clamp")
+    with pytest.raises(ValueError, match="passes no weights"):
+        _call(b, weight_transform="threshold")
+    with pytest.raises(ValueError, match="rank_based"):
+        _call(b, token_weights=b.token_weights, weight_transform="rank_based")
+    with pytest.raises(ValueError, match="transform_kwargs"):
+        _call(b, token_weights=b.token_weights, transform_kwargs={"mu": 2.0})
+    _call(b, token_weights=b.token_weights, weight_transform="origin")
+
+
+@pytest.mark.parametrize("name", ["hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_inputs_read_whole_raise_naming_them(b, name, value):
+    """One rule: a NaN/inf in an input the forward reads gives a ValueError naming it (checked on the loss and the
+    per-sequence sums), never a NaN loss."""
+    kw = dict(bias=b.bias, ref_logps=_DROP, ref_hidden=b.ref_hidden, ref_weight=b.ref_weight, ref_bias=b.ref_bias,
+              hidden=b.hidden, weight=b.weight)
+    bad = kw[name].clone()
+    if name.endswith("hidden"):
+        assert b.labels[1, -3] != IGNORE
+        bad[1, -3, 2] = value  # a response row
+    else:
+        bad.view(-1)[4] = value
+    kw[name] = bad
+    with pytest.raises(ValueError, match=rf"^{name} has non-finite values \(NaN/inf\): 1 of \d+ "):
+        _call(b, **kw)
+    if name in ("hidden", "weight", "bias"):
+        with pytest.raises(ValueError, match=rf"^{name} has non-finite"):
+            fused_linear_logprobs(kw["hidden"], kw["weight"], b.labels, bias=kw["bias"], backend="torch")
+
+
+def test_non_finite_hidden_outside_the_responses_is_not_read(b):
+    hidden = b.hidden.clone()
+    assert b.labels[0, 0] == IGNORE
+    hidden[0, 0] = float("nan")
+    loss, _ = _call(b, hidden=hidden)
+    assert torch.isfinite(loss)
+
+
+def test_overflow_inside_the_computation_is_named(b):
+    huge = torch.full_like(b.ref_logps, -3e38)  # finite, but M_c - M_r overflows float32
+    with pytest.raises(ValueError, match="the loss is not finite although every input"):
+        _call(b, ref_logps=huge.masked_fill(torch.arange(4)[:, None] >= 2, 3e38))
+
+
+def test_batch_without_pairs_raises_padded_and_packed(b):
+    with pytest.raises(ValueError, match="hidden has no rows"):
+        _call(b, hidden=b.hidden[:0], labels=b.labels[:0], ref_logps=b.ref_logps[:0])
+    fields, cu = b.packed()
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        _call(b, hidden=fields["hidden"][:0], labels=fields["labels"][:0], ref_logps=fields["ref_logps"][:0],
+              cu_seqlens=cu[:1])

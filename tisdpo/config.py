@@ -6,8 +6,10 @@ follow TRL's `DPOConfig` names wherever the meaning is the same (`beta`, `loss_t
 `max_length`, `max_prompt_length`, `max_completion_length`, `truncation_mode`, `padding_free`,
 `precompute_ref_log_probs`, `precompute_ref_batch_size`, `model_init_kwargs`, `ref_model_init_kwargs`,
 `disable_dropout`, `dataset_num_proc`); the rest are ours (`alpha`, `kl`, `weight_transform`,
-`weight_transform_kwargs`, `reverse_preferences`, `ref_logps_cache_dir`, `loss_backend`, `loss_chunk_size`,
-`liger_model_patches`).
+`weight_transform_kwargs`, `reverse_preferences`, `prefix_sharing`, `ref_logps_cache_dir`, `loss_backend`,
+`loss_chunk_size`, `liger_model_patches`). The loss fields `loss_type` (a name or TRL's list form), `loss_weights`,
+`label_smoothing`, `discopop_tau`, `ld_alpha`, `use_weighting` and the deprecated `rpo_alpha` mean what they mean in
+TRL 1.16 (`tisdpo_kernels.objectives` lists every loss type's formula); `loss_type='cdpo'` is ours.
 
 Two defaults differ from `TrainingArguments` on purpose:
 
@@ -21,6 +23,7 @@ Two defaults differ from `TrainingArguments` on purpose:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +31,11 @@ import torch
 from transformers import TrainingArguments
 
 from tisdpo_kernels.loss import BACKENDS as LOSS_BACKENDS
+from tisdpo_kernels.objectives import LOSS_TYPES, SMOOTHED_LOSS_TYPES, check_ld_alpha, loss_terms
 from tisdpo_kernels.reference import ELEMENTWISE_TRANSFORMS, KL_MODES, transform_params
-from tisdpo_kernels.reference import LOSS_TYPES as PAIR_LOSS_TYPES
 
-LOSS_TYPES = (*PAIR_LOSS_TYPES, "sft")
+# need a whole response: the trainer applies them to the tokenised weight columns (tisdpo.weights), not in the loss
+PER_RESPONSE_TRANSFORMS = ("rank_based", "binary", "random")
 KL_VARIANTS = tuple(mode for mode in KL_MODES if mode is not None)
 TRUNCATION_MODES = ("keep_end", "keep_start")
 # transformers 5.x renamed `gradient_checkpointing` to `activation_checkpointing` (the old name became an alias)
@@ -86,16 +90,61 @@ class TISDPOConfig(TrainingArguments):
 
     # --- objective ---
     beta: float = field(default=0.1, metadata={"help": "Inverse temperature of the preference loss."})
-    loss_type: str = field(
-        default="sigmoid",
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
         metadata={
-            "help": "'sigmoid' (DPO / TIS-DPO), 'ipo', 'hinge', or 'sft' (summed negative log-likelihood of the chosen "
-            "responses, averaged over pairs; no reference model).",
+            "help": "Loss type(s), TRL's names and meanings (a name or a list; see tisdpo_kernels.objectives): "
+            "'sigmoid' (DPO / TIS-DPO), 'hinge', 'ipo' (length-normalised, as in TRL), 'exo_pair', 'nca_pair', "
+            "'robust', 'bco_pair' (no running reward mean, as in TRL 1.x), 'sppo_hard', 'aot', 'aot_unpaired', "
+            "'apo_zero', 'apo_down', 'discopop', 'sigmoid_norm', 'sft' (negative log-likelihood of the chosen "
+            "responses averaged over their tokens, as in TRL; 'sft' alone needs no reference model), and ours: "
+            "'cdpo' (the sigmoid loss with `label_smoothing`, conservative DPO). Several types are summed with "
+            "`loss_weights`.",
             "choices": list(LOSS_TYPES),
         },
     )
+    loss_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "One weight per entry of `loss_type` (default 1 each): the loss is sum_k loss_weights[k] * "
+            "loss_k, e.g. loss_type ['sigmoid', 'sft'] with [1, 1] (RPO) or ['sigmoid', 'bco_pair', 'sft'] with "
+            "[0.8, 0.2, 1] (MPO)."
+        },
+    )
     label_smoothing: float = field(
-        default=0.0, metadata={"help": "Conservative-DPO label smoothing in [0, 0.5) (sigmoid loss only)."}
+        default=0.0,
+        metadata={
+            "help": "Label smoothing in [0, 0.5) of 'robust', 'exo_pair' (where it must be > 0), 'aot', "
+            "'aot_unpaired' and 'cdpo'. As in TRL it has no effect on 'sigmoid' (a warning says so); conservative "
+            "DPO, what it meant with 'sigmoid' in tisdpo before, is loss_type='cdpo'."
+        },
+    )
+    discopop_tau: float = field(
+        default=0.05, metadata={"help": "Temperature tau of loss_type='discopop' (DiscoPOP paper default 0.05)."}
+    )
+    ld_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "LD-DPO alpha in [0, 1] (None: off): in each pair, the response tokens past the shorter "
+            "response's length get token weight ld_alpha (policy and reference alike, as in TRL). It multiplies the "
+            "TIS-DPO token weights."
+        },
+    )
+    use_weighting: bool = field(
+        default=False,
+        metadata={
+            "help": "WPO: multiply each pair's loss by the product of both responses' length-normalised "
+            "probabilities under the policy (each token's probability over sum_v p(v)^2, no gradient), as in TRL. "
+            "A per-pair weight on top of the token weights, computed from unweighted log-probs. Needs "
+            "loss_backend='torch' (the Triton kernels do not compute sum_v p(v)^2)."
+        },
+    )
+    rpo_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated (TRL): the weight of an 'sft' term; use loss_type [..., 'sft'] with loss_weights "
+            "[..., rpo_alpha]."
+        },
     )
     kl: str | None = field(
         default=None,
@@ -110,8 +159,10 @@ class TISDPOConfig(TrainingArguments):
         metadata={
             "help": "Elementwise transform T applied to the token-weight columns (w = T(x)): 'origin' (identity), "
             "'threshold' (clip to [-1, 1]), 'threshold_and_scale' (clip to [-1.5, 1.5], map to [0.7, 1.3]), "
-            "'exp_clamp' (k * exp(mu * clamp(x, lower, upper))).",
-            "choices": list(ELEMENTWISE_TRANSFORMS),
+            "'exp_clamp' (k * exp(mu * clamp(x, lower, upper))); per response, applied to the tokenised (truncated) "
+            "responses before training: 'rank_based' (rank mapped onto [0.7, 1.3]), 'binary' (1 for the top half, "
+            "else 0), 'random' (uniform [0.7, 1.3], seeded); see tisdpo.weights.",
+            "choices": [*ELEMENTWISE_TRANSFORMS, *PER_RESPONSE_TRANSFORMS],
         },
     )
     weight_transform_kwargs: dict[str, Any] | str | None = field(
@@ -158,6 +209,18 @@ class TISDPOConfig(TrainingArguments):
             "const": True,
         },
     )
+    prefix_sharing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Run each pair as one [prompt | chosen | rejected] row, the prompt once (P+C+R tokens instead of "
+            "2P+C+R; tisdpo.prefix): rejected positions restart at the prompt's end and a custom mask keeps the "
+            "responses apart. None: on with flex_attention (a block-sparse FlexAttention mask; train on CUDA, "
+            "FlexAttention has no backward on CPU), off otherwise. True also runs it with sdpa/eager through a dense "
+            "4-D [rows, 1, T, T] mask (exact; pays for long prompts). Not for flash attention or loss_type='sft'.",
+            "nargs": "?",
+            "const": True,
+        },
+    )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset tokenisation."})
 
     # --- reference model ---
@@ -198,6 +261,15 @@ class TISDPOConfig(TrainingArguments):
         )
 
     def __post_init__(self):
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        if self.rpo_alpha is not None:
+            warnings.warn(
+                "`rpo_alpha` is deprecated (as in TRL). It is equivalent to including 'sft' in `loss_type`; add 'sft' "
+                "to `loss_type` and set its weight in `loss_weights` to `rpo_alpha`.",
+                FutureWarning,
+                stacklevel=3,
+            )
         unset = _HAS_ACTIVATION_CHECKPOINTING and self.activation_checkpointing is None
         if unset and self.gradient_checkpointing is None:
             self.activation_checkpointing = True
@@ -209,27 +281,35 @@ class TISDPOConfig(TrainingArguments):
         self._validate()
 
     def _validate(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"`loss_type` must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.kl is not None and self.kl not in KL_VARIANTS:
             raise ValueError(f"`kl` must be None or one of {KL_VARIANTS}, got {self.kl!r}")
-        if self.kl is not None and self.loss_type == "sft":
+        self._validate_loss()
+        if self.kl is not None and self.sft_only:
             raise ValueError("`kl` cannot be combined with loss_type='sft' (SFT has no reference model)")
         if self.kl is not None and self.precompute_ref_log_probs:
             raise ValueError(
                 f"`kl={self.kl!r}` needs the reference model's full distribution on the fly; it cannot be combined "
                 "with `precompute_ref_log_probs=True`"
             )
+        if self.prefix_sharing and self.sft_only:
+            raise ValueError("`prefix_sharing=True` needs chosen and rejected responses; loss_type='sft' uses only the "
+                             "chosen ones")
         # raises a ValueError naming weight_transform / transform_kwargs on an unknown name or key
-        transform_params(self.weight_transform, self.weight_transform_kwargs)
+        known = (*ELEMENTWISE_TRANSFORMS, *PER_RESPONSE_TRANSFORMS)
+        if self.weight_transform not in known:
+            raise ValueError(f"`weight_transform` must be one of {known}, got {self.weight_transform!r}")
+        if self.weight_transform in PER_RESPONSE_TRANSFORMS:
+            from .weights import transform_params as response_transform_params
+
+            response_transform_params(self.weight_transform, self.weight_transform_kwargs)
+        else:
+            transform_params(self.weight_transform, self.weight_transform_kwargs)
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(f"`truncation_mode` must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
         if self.loss_backend not in LOSS_BACKENDS:
             raise ValueError(f"`loss_backend` must be one of {LOSS_BACKENDS}, got {self.loss_backend!r}")
         if not self.beta > 0:
             raise ValueError(f"`beta` must be > 0, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"`label_smoothing` must lie in [0, 0.5), got {self.label_smoothing}")
         for name in ("max_length", "max_prompt_length", "max_completion_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -240,6 +320,53 @@ class TISDPOConfig(TrainingArguments):
             raise ValueError(f"`precompute_ref_batch_size` must be >= 1, got {self.precompute_ref_batch_size}")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"`loss_chunk_size` must be >= 1, got {self.loss_chunk_size}")
+
+    def _validate_loss(self) -> None:
+        # raises a ValueError naming loss_type / loss_weights / label_smoothing / discopop_tau on a bad value
+        loss_terms(self.loss_type, self.loss_weights, discopop_tau=self.discopop_tau)
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"`label_smoothing` must lie in [0, 0.5), got {self.label_smoothing}")
+        if self.rpo_alpha is not None and "sft" in self.loss_type:
+            raise ValueError("`rpo_alpha` is the deprecated form of an 'sft' term, and `loss_type` already has one; "
+                             "set the 'sft' weight in `loss_weights` instead")
+        check_ld_alpha(self.ld_alpha)
+        kwargs = self.pair_loss_kwargs()
+        if self.label_smoothing and not kwargs["label_smoothing"]:
+            warnings.warn(
+                f"`label_smoothing={self.label_smoothing}` has no effect with loss_type={self.loss_type} (as in TRL; "
+                f"it is read by {list(SMOOTHED_LOSS_TYPES)}). For conservative DPO (label smoothing on the sigmoid "
+                "loss, its meaning in tisdpo before) use loss_type='cdpo'.",
+                UserWarning,
+                stacklevel=5,
+            )
+        if self.use_weighting and self.sft_only:
+            raise ValueError("`use_weighting` (WPO) weights preference pairs; loss_type='sft' alone has none")
+        loss_terms(kwargs["loss_type"], kwargs["loss_weights"], label_smoothing=kwargs["label_smoothing"],
+                   discopop_tau=self.discopop_tau, kl=self.kl, use_weighting=self.use_weighting)
+
+    def loss_terms(self) -> tuple[tuple[str, float], ...]:
+        """`((loss type, weight), ...)` of the objective: `loss_type` with `loss_weights` (1 each by default), plus
+        `("sft", rpo_alpha)` for the deprecated `rpo_alpha`."""
+        weights = self.loss_weights if self.loss_weights is not None else [1.0] * len(self.loss_type)
+        terms = [(name, float(w)) for name, w in zip(self.loss_type, weights, strict=True)]
+        if self.rpo_alpha is not None:
+            terms.append(("sft", float(self.rpo_alpha)))
+        return tuple(terms)
+
+    @property
+    def sft_only(self) -> bool:
+        """True when every loss term is 'sft': SFT on the chosen responses, trained without a reference model."""
+        return all(name == "sft" for name, _ in self.loss_terms())
+
+    def pair_loss_kwargs(self) -> dict[str, Any]:
+        """The loss options of `tisdpo_kernels.fused_tis_dpo_loss` (`loss_type`, `loss_weights`, `label_smoothing`,
+        `discopop_tau`, `ld_alpha`, `use_weighting`); `label_smoothing` is 0 when no loss type reads it."""
+        terms = self.loss_terms()
+        names = [name for name, _ in terms]
+        smoothed = any(name in SMOOTHED_LOSS_TYPES for name in names)
+        return dict(loss_type=names, loss_weights=[w for _, w in terms],
+                    label_smoothing=self.label_smoothing if smoothed else 0.0, discopop_tau=self.discopop_tau,
+                    ld_alpha=self.ld_alpha, use_weighting=self.use_weighting)
 
     def resolved_model_init_kwargs(self, which: str = "model") -> dict[str, Any]:
         """`from_pretrained` keyword arguments for the policy (`which="model"`) or reference (`"ref_model"`) model.

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 
@@ -39,6 +40,8 @@ from torch import nn
 from .config import TISDPOConfig
 from .trainer import TISDPOTrainer
 
+logger = logging.getLogger(__name__)
+
 # method -> loss_type of both runs (the minus run also sets reverse_preferences=True)
 CONTRASTIVE_LOSS_TYPES = {"S": "sft", "D": "sigmoid"}
 
@@ -46,7 +49,8 @@ CONTRASTIVE_LOSS_TYPES = {"S": "sft", "D": "sigmoid"}
 def contrastive_configs(args: TISDPOConfig, method: str) -> tuple[TISDPOConfig, TISDPOConfig]:
     """The two training configurations of ``method`` (``"S"`` or ``"D"``) derived from ``args``.
 
-    Both keep every setting of ``args`` but ``loss_type`` (``"sft"`` for S, ``"sigmoid"`` for D),
+    Both keep every setting of ``args`` but ``loss_type`` (``["sft"]`` for S, ``["sigmoid"]`` for D, without
+    ``loss_weights`` / ``rpo_alpha``; S also without ``kl`` and ``use_weighting``),
     ``reverse_preferences`` (False for ``pi_plus``, True for ``pi_minus``) and ``output_dir``
     (``<args.output_dir>/plus`` and ``/minus``). Token-weight settings do not apply: contrastive models
     are trained without weight columns.
@@ -57,9 +61,10 @@ def contrastive_configs(args: TISDPOConfig, method: str) -> tuple[TISDPOConfig, 
     if not isinstance(args, TISDPOConfig):
         raise TypeError(f"args must be a TISDPOConfig, got {type(args).__name__}")
     loss_type = CONTRASTIVE_LOSS_TYPES[method]
-    kl = None if loss_type == "sft" else args.kl
+    kl, use_weighting = (None, False) if loss_type == "sft" else (args.kl, args.use_weighting)
     return tuple(
-        dataclasses.replace(args, output_dir=os.path.join(args.output_dir, side), loss_type=loss_type,
+        dataclasses.replace(args, output_dir=os.path.join(args.output_dir, side), loss_type=[loss_type],
+                            loss_weights=None, rpo_alpha=None, use_weighting=use_weighting,
                             reverse_preferences=reverse, kl=kl)
         for side, reverse in (("plus", False), ("minus", True))
     )
@@ -96,7 +101,10 @@ def train_contrastive_models(
     if weight_columns:
         train_dataset = train_dataset.remove_columns(weight_columns)
     trained = []
-    for run_args in (plus_args, minus_args):
+    for k, (side, run_args) in enumerate((("pi_plus", plus_args), ("pi_minus", minus_args)), start=1):
+        loss_type = run_args.loss_type if isinstance(run_args.loss_type, str) else ",".join(run_args.loss_type)
+        logger.info("Method %s, training %d of 2: %s (loss_type=%s, reverse_preferences=%s) -> %s", method, k, side,
+                    loss_type, run_args.reverse_preferences, run_args.output_dir)
         start = copy.deepcopy(model) if isinstance(model, nn.Module) else model
         trainer = TISDPOTrainer(model=start, ref_model=ref_model, args=run_args, train_dataset=train_dataset,
                                 processing_class=processing_class)
@@ -111,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Train the contrastive pair pi_plus / pi_minus for token weights (method S or D)."""
     from .cli import parse_train_args
     from .data import load_preference_dataset
+    from .validation import check_data_source, check_model_path, check_preference_data
 
     argv = list(argv or [])
     if "--method" not in argv or argv.index("--method") + 1 >= len(argv):
@@ -123,9 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tisdpo contrastive: --method must be S or D, got {method!r}")
         return 2
     train_args, config = parse_train_args(rest)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for option in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path"):
+        check_model_path(getattr(train_args, option), f"--{option}")
+    check_data_source(train_args.dataset_name, "--dataset_name")
     dataset = load_preference_dataset(train_args.dataset_name, split=train_args.dataset_train_split)
     if train_args.max_train_samples is not None:
         dataset = dataset.select(range(min(train_args.max_train_samples, len(dataset))))
+    check_preference_data(dataset, train_args.dataset_name)
     tokenizer = None
     if train_args.tokenizer_name_or_path:
         from transformers import AutoTokenizer

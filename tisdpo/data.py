@@ -32,6 +32,8 @@ from typing import Any
 import datasets
 import torch
 
+from .validation import InputError, check_data_source, diagnose_json_lines, drop_degenerate_pairs, weight_values
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -188,7 +190,7 @@ def tokenize_row(
     responses = {"chosen": [chosen_ids, None], "rejected": [rejected_ids, None]}
     for key, column in (("chosen", CHOSEN_WEIGHTS), ("rejected", REJECTED_WEIGHTS)):
         if example.get(column) is not None:
-            weights = [float(w) for w in example[column]]
+            weights = weight_values(example[column], column)
             if len(weights) != len(responses[key][0]):
                 raise ValueError(
                     f"`{column}` has {len(weights)} values but the {key} response has {len(responses[key][0])} "
@@ -227,11 +229,15 @@ def tokenize_row(
     return out
 
 
-def _tokenize_batch(batch: dict[str, list], tokenizer, options: dict[str, Any]) -> dict[str, list]:
+def _tokenize_batch(batch: dict[str, list], indices: list[int], tokenizer, options: dict[str, Any],
+                    name: str = "train") -> dict[str, list]:
     keys = list(batch)
     out: dict[str, list] = {}
     for i in range(len(batch[keys[0]])):
-        row = tokenize_row({k: batch[k][i] for k in keys}, tokenizer, **options)
+        try:
+            row = tokenize_row({k: batch[k][i] for k in keys}, tokenizer, **options)
+        except (TypeError, ValueError) as err:  # bad data: name the row (the cause stays chained)
+            raise InputError(f"{name} row {indices[i]}: {err}") from err
         if row is None:
             continue
         for k, v in row.items():
@@ -285,6 +291,7 @@ def prepare_preference_dataset(
         raise ValueError(f"`{name}_dataset` lacks the columns {missing} (has {columns})")
     if (CHOSEN_WEIGHTS in columns) != (REJECTED_WEIGHTS in columns):
         raise ValueError(f"`{name}_dataset` must have both or neither of {WEIGHT_COLUMNS}")
+    dataset = drop_degenerate_pairs(dataset, name, num_proc)
     options = {
         "max_length": max_length,
         "max_prompt_length": max_prompt_length,
@@ -294,8 +301,9 @@ def prepare_preference_dataset(
     tokenized = dataset.map(
         _tokenize_batch,
         batched=True,
+        with_indices=True,
         remove_columns=columns,
-        fn_kwargs={"tokenizer": tokenizer, "options": options},
+        fn_kwargs={"tokenizer": tokenizer, "options": options, "name": name},
         num_proc=num_proc,
         desc=f"Tokenizing {name} preference pairs",
     )
@@ -321,10 +329,19 @@ def load_preference_dataset(source: str, split: str = "train", **kwargs: Any) ->
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     extension = os.path.splitext(source)[1].lower()
     builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+    check_data_source(source, "dataset")
     if os.path.isfile(source):
         if extension not in builders:
             raise ValueError(f"unsupported data file extension {extension!r} in {source!r}; use {sorted(builders)}")
-        return datasets.load_dataset(builders[extension], data_files=source, split=split, **kwargs)
+        try:
+            loaded = datasets.load_dataset(builders[extension], data_files=source, split=split, **kwargs)
+            loaded.data.table.validate(full=True)  # pyarrow's JSON reader lets bytes that are not UTF-8 through
+            return loaded
+        except Exception as err:  # name the line datasets could not read, or at least the file
+            if builders[extension] == "json":
+                diagnose_json_lines(source)
+            raise InputError(f"{source}: cannot be read as {builders[extension]}: {type(err).__name__}: {err}") \
+                from err
     return datasets.load_dataset(source, split=split, **kwargs)
 
 

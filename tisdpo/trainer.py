@@ -30,14 +30,16 @@ import pyarrow.compute as pc
 import torch
 from accelerate import PartialState
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
 
 from tisdpo_kernels import fused_linear_logprobs, fused_tis_dpo_loss
 from tisdpo_kernels.reference import apply_weight_transform
 
-from .config import TISDPOConfig
+from .config import PER_RESPONSE_TRANSFORMS, TISDPOConfig
 from .data import (
     CHOSEN_IDS,
+    CHOSEN_WEIGHTS,
     IGNORE_INDEX,
     PROMPT_IDS,
     REF_CHOSEN_LOGPS,
@@ -48,6 +50,7 @@ from .data import (
     prepare_preference_dataset,
     split_responses,
 )
+from .prefix import PREFIX_DOC_IDS, PrefixSharedCollator, check_attention, prefix_model_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +122,22 @@ def _lm_head(model: nn.Module) -> nn.Module:
     return head
 
 
+def _resolve_prefix_sharing(args: TISDPOConfig, model: nn.Module, ref_model: nn.Module | None) -> bool:
+    """`args.prefix_sharing` resolved (None: on with flex_attention, where the block mask makes it pay), checked
+    against the attention implementations of both models; logs which attention path runs."""
+    attn = _attn_implementation(model)
+    enabled = args.prefix_sharing if args.prefix_sharing is not None else (
+        attn == "flex_attention" and not args.sft_only)
+    if not enabled:
+        return False
+    how = check_attention(attn, "model")
+    if ref_model is not None:
+        check_attention(_attn_implementation(ref_model), "ref_model")
+    logger.info("Prefix sharing: one [prompt | chosen | rejected] row per pair, the prompt run once; attention: %s.",
+                how)
+    return True
+
+
 def _chosen_half(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The chosen sequences of a collated batch (the first B of 2B), in the same layout."""
     cu = inputs["cu_seqlens"]
@@ -171,7 +190,8 @@ def dataset_fingerprint(dataset: datasets.Dataset) -> str:
 
 
 def _tokenize(dataset: datasets.Dataset, name: str, tokenizer, args: TISDPOConfig) -> datasets.Dataset:
-    return prepare_preference_dataset(
+    """Tokenised `dataset`; a per-response `weight_transform` turns its weight columns into final weights here."""
+    tokenized = prepare_preference_dataset(
         dataset,
         tokenizer,
         max_length=args.max_length,
@@ -182,6 +202,12 @@ def _tokenize(dataset: datasets.Dataset, name: str, tokenizer, args: TISDPOConfi
         num_proc=args.dataset_num_proc,
         name=name,
     )
+    if args.weight_transform in PER_RESPONSE_TRANSFORMS and CHOSEN_WEIGHTS in tokenized.column_names:
+        from .weights import transform_token_weights
+
+        tokenized = transform_token_weights(tokenized, args.weight_transform, args.weight_transform_kwargs,
+                                            num_proc=args.dataset_num_proc)
+    return tokenized
 
 
 def _map_datasets(dataset, name: str, func):
@@ -250,7 +276,7 @@ class TISDPOTrainer(Trainer):
             model = get_peft_model(model, peft_config)
         _check_architecture(model, "model")
 
-        needs_ref = args.loss_type != "sft"
+        needs_ref = not args.sft_only
         if isinstance(ref_model, str):
             ref_model = AutoModelForCausalLM.from_pretrained(ref_model, **args.resolved_model_init_kwargs("ref_model"))
         if not needs_ref and ref_model is not None:
@@ -278,6 +304,7 @@ class TISDPOTrainer(Trainer):
                 f"({PACKING_ATTENTION}); the model uses {attn!r}"
             )
         self.padding_free = args.padding_free if args.padding_free is not None else attn in EFFICIENT_PACKING_ATTENTION
+        self.prefix_sharing = _resolve_prefix_sharing(args, model, ref_model)
 
         def tokenize(dataset, name):
             return _tokenize(dataset, name, processing_class, args)
@@ -286,7 +313,8 @@ class TISDPOTrainer(Trainer):
             train_dataset = _map_datasets(train_dataset, "train", tokenize)
             eval_dataset = _map_datasets(eval_dataset, "eval", tokenize)
 
-        collator = PreferenceCollator(pad_token_id=processing_class.pad_token_id, padding_free=self.padding_free)
+        collator_class = PrefixSharedCollator if self.prefix_sharing else PreferenceCollator
+        collator = collator_class(pad_token_id=processing_class.pad_token_id, padding_free=self.padding_free)
         super().__init__(
             model=model,
             args=args,
@@ -341,11 +369,15 @@ class TISDPOTrainer(Trainer):
         def keep(_module, _args, output):
             captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
-        kwargs = {"input_ids": inputs["input_ids"]}
-        if "attention_mask" in inputs:
-            kwargs["attention_mask"] = inputs["attention_mask"]
-        if "position_ids" in inputs:
-            kwargs["position_ids"] = inputs["position_ids"]
+        if PREFIX_DOC_IDS in inputs:  # [prompt | chosen | rejected] rows: the 4-D mask (or block mask) of tisdpo.prefix
+            kwargs = prefix_model_inputs(inputs, _attn_implementation(decoder),
+                                         decoder.get_input_embeddings().weight.dtype)
+        else:
+            kwargs = {"input_ids": inputs["input_ids"]}
+            if "attention_mask" in inputs:
+                kwargs["attention_mask"] = inputs["attention_mask"]
+            if "position_ids" in inputs:
+                kwargs["position_ids"] = inputs["position_ids"]
         no_positions = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
         handle = decoder.register_forward_hook(keep)
         try:
@@ -378,7 +410,7 @@ class TISDPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Scalar loss of one micro-batch (mean over its pairs); stores the metrics for `log`."""
         mode = "train" if model.training else "eval"
-        if self.args.loss_type == "sft":
+        if self.args.sft_only:
             inputs = _chosen_half(inputs)
             loss, metrics = self._sft_loss(model, inputs)
         else:
@@ -411,28 +443,32 @@ class TISDPOTrainer(Trainer):
             # the transform runs in the loss's compute precision (float64 for float64 models, float32 otherwise)
             compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
             raw = inputs["token_weights"].reshape(-1).to(compute_dtype)
-            tensors["token_weights"] = apply_weight_transform(
-                raw, args.weight_transform, **(args.weight_transform_kwargs or {})
-            )
+            if args.weight_transform in PER_RESPONSE_TRANSFORMS:  # applied to the columns at tokenisation
+                tensors["token_weights"] = raw
+            else:
+                tensors["token_weights"] = apply_weight_transform(
+                    raw, args.weight_transform, **(args.weight_transform_kwargs or {})
+                )
         return fused_tis_dpo_loss(
             hidden.reshape(-1, dim),
             head.weight,
             inputs["labels"].reshape(-1),
             bias=head.bias,
             cu_seqlens=inputs["cu_seqlens"],
+            row_index=inputs.get("row_index"),
             beta=args.beta,
             alpha=args.alpha,
             kl=args.kl,
-            loss_type=args.loss_type,
-            label_smoothing=args.label_smoothing,
             ignore_index=IGNORE_INDEX,
             backend=args.loss_backend,
             chunk_size=args.loss_chunk_size,
+            **args.pair_loss_kwargs(),
             **tensors,
         )
 
     def _sft_loss(self, model, chosen):
-        """Summed negative log-likelihood of each chosen response, averaged over the responses."""
+        """Negative log-likelihood of the chosen responses averaged over all their tokens (TRL's 'sft'), times the
+        sum of the 'sft' weights."""
         cu = chosen["cu_seqlens"]
         pairs = cu.numel() - 1
         hidden = self._hidden_states(model, chosen)
@@ -444,9 +480,9 @@ class TISDPOTrainer(Trainer):
         lengths = (cu[1:] - cu[:-1]).to(device=logps.device, dtype=torch.long)
         seq_ids = torch.arange(pairs, device=logps.device).repeat_interleave(lengths)
         sums = torch.zeros(pairs, dtype=logps.dtype, device=logps.device).index_add(0, seq_ids, logps)
-        loss = -sums.mean()
-        return loss, {"logps/chosen": sums.detach().mean(), "nll/chosen_per_token":
-                      (-sums.detach().sum() / (labels != IGNORE_INDEX).sum())}
+        nll = -sums.sum() / (labels != IGNORE_INDEX).sum()
+        loss = sum(weight for _, weight in self.args.loss_terms()) * nll
+        return loss, {"logps/chosen": sums.detach().mean(), "nll/chosen_per_token": nll.detach()}
 
     # ------------------------------------------------------------------------------------------------------------
     # evaluation and logging
@@ -455,7 +491,7 @@ class TISDPOTrainer(Trainer):
     def get_eval_dataloader(self, eval_dataset=None):
         """As `Trainer.get_eval_dataloader`; an untokenised `eval_dataset` passed to `evaluate` is tokenised first."""
         if isinstance(eval_dataset, datasets.Dataset) and PROMPT_IDS not in eval_dataset.column_names:
-            if self.args.precompute_ref_log_probs and self.args.loss_type != "sft":
+            if self.args.precompute_ref_log_probs and not self.args.sft_only:
                 raise ValueError(
                     "with precompute_ref_log_probs=True, pass evaluation data to TISDPOTrainer(eval_dataset=...): its "
                     "reference log-probs are computed at construction, before the policy changes"
@@ -555,16 +591,21 @@ class TISDPOTrainer(Trainer):
         source.eval()
         adapter_off = source.disable_adapter() if _is_peft_model(source) else contextlib.nullcontext()
         out: dict[str, list] = {c: [] for c in (REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS)}
+        logger.info("Precomputing reference log-probs for %d %s pairs (%d per batch) on %s.", len(dataset), name,
+                    batch_size, device)
+        progress = tqdm(loader, desc=f"Reference log-probs ({name})", unit="batch",
+                        disable=self.args.disable_tqdm or not self.accelerator.is_local_main_process)
         try:
             with adapter_off:
-                for batch in loader:
+                for batch in progress:
                     batch = {k: v.to(device) for k, v in batch.items()}
                     hidden = self._hidden_states(source, batch)
                     head = _lm_head(source)
                     labels = batch["labels"].reshape(-1)
                     logps = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels,
                                                   bias=head.bias, ignore_index=IGNORE_INDEX,
-                                                  backend=self.args.loss_backend, chunk_size=self.args.loss_chunk_size)
+                                                  backend=self.args.loss_backend, chunk_size=self.args.loss_chunk_size,
+                                                  row_index=batch.get("row_index"))
                     sequences = split_responses(logps, labels, batch["cu_seqlens"])
                     pairs = len(sequences) // 2
                     for s, values in enumerate(sequences):

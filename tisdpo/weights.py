@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -54,10 +55,13 @@ from tisdpo_kernels import fused_linear_logprobs
 from tisdpo_kernels.reference import ELEMENTWISE_TRANSFORMS, apply_weight_transform
 from tisdpo_kernels.reference import transform_params as _elementwise_params
 
+from .config import PER_RESPONSE_TRANSFORMS
 from .data import PreferenceCollator, extract_prompt, is_conversational, split_responses, tokenize_row
+from .prefix import PREFIX_DOC_IDS, PrefixSharedCollator, check_attention, prefix_model_inputs
 from .trainer import EFFICIENT_PACKING_ATTENTION, model_fingerprint
 
-PER_RESPONSE_TRANSFORMS = ("rank_based", "binary", "random")
+logger = logging.getLogger(__name__)
+
 WEIGHT_TRANSFORMS = ELEMENTWISE_TRANSFORMS + PER_RESPONSE_TRANSFORMS
 _PER_RESPONSE_DEFAULTS = {
     "rank_based": {"min_weight": 0.7, "max_weight": 1.3},
@@ -295,37 +299,48 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 def decoder_hidden_states(model, batch: dict) -> torch.Tensor:
     """Last hidden states of the decoder under the LM head (the head itself is not run): ``[2B, T, D]``
-    for a padded batch, ``[1, N, D]`` for a packed one (``position_ids`` restart at every sequence)."""
+    for a padded batch, ``[1, N, D]`` for a packed one (``position_ids`` restart at every sequence); ``[B, T, D]``
+    or ``[1, N, D]`` for a ``tisdpo.prefix.PrefixSharedCollator`` batch (its mask built for the model's attention)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if PREFIX_DOC_IDS in batch:
+        inputs = prefix_model_inputs(batch, _attn_implementation(model), decoder.get_input_embeddings().weight.dtype)
+    else:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     return decoder(**inputs, use_cache=False).last_hidden_state
 
 
 def token_logps(model, batch: dict, backend: str = "auto") -> torch.Tensor:
-    """Per-token label log-probs of a ``PreferenceCollator`` batch (padded or packed) under a causal LM,
-    shaped like ``batch["labels"]``, float32, 0 off the responses; through ``fused_linear_logprobs`` on
-    the decoder's last hidden states and the LM head weight (no ``[tokens, vocab]`` logits)."""
+    """Per-token label log-probs of a ``PreferenceCollator`` batch (padded or packed) or a
+    ``PrefixSharedCollator`` batch (its explicit ``row_index``) under a causal LM, shaped like
+    ``batch["labels"]``, float32, 0 off the responses; through ``fused_linear_logprobs`` on the decoder's last
+    hidden states and the LM head weight (no ``[tokens, vocab]`` logits)."""
     head = model.get_output_embeddings()
     hidden = decoder_hidden_states(model, batch)
     return fused_linear_logprobs(hidden, head.weight, batch["labels"], bias=getattr(head, "bias", None),
-                                 backend=backend)
+                                 backend=backend, row_index=batch.get("row_index"))
+
+
+def _attn_implementation(model) -> str:
+    return str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager")
 
 
 def _packs_efficiently(model) -> bool:
-    attn = str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager")
+    attn = _attn_implementation(model)
     return attn in EFFICIENT_PACKING_ATTENTION or "flash" in attn
 
 
 class _Estimator:
     """Holds the models and options of one estimation run; ``columns(examples)`` does one batch."""
 
-    def __init__(self, pi_plus, pi_minus, tokenizer, method, system_prompts, backend, device, padding_free):
+    def __init__(self, pi_plus, pi_minus, tokenizer, method, system_prompts, backend, device, padding_free,
+                 prefix_sharing=False):
         self.pi_plus, self.pi_minus, self.tokenizer = pi_plus, pi_minus, tokenizer
         self.method, self.system_prompts, self.backend, self.device = method, system_prompts, backend, device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("tokenizer has neither a pad_token_id nor an eos_token_id to pad batches with")
-        self.collate = PreferenceCollator(pad_token_id=pad, padding_free=padding_free)
+        collator_class = PrefixSharedCollator if prefix_sharing else PreferenceCollator
+        self.collate = collator_class(pad_token_id=pad, padding_free=padding_free)
 
     def _tokenize(self, example: dict) -> dict:
         row = tokenize_row(example, self.tokenizer)
@@ -413,6 +428,7 @@ def estimate_token_weights(
     device: str | torch.device | None = None,
     backend: str = "auto",
     padding_free: bool | None = None,
+    prefix_sharing: bool | None = None,
     model_ids: tuple[str, str | None] | None = None,
     progress: bool = True,
 ):
@@ -454,6 +470,9 @@ def estimate_token_weights(
         backend: ``fused_linear_logprobs`` backend.
         padding_free: pack each batch's sequences into one row (``position_ids`` restarting per sequence;
             exact with flash-attention, flex, sdpa and eager in transformers) instead of padding them.
+        prefix_sharing: run each pair as one ``[prompt | chosen | rejected]`` row, the prompt once
+            (``tisdpo.prefix``; same results up to rounding). None (default): when both models use
+            ``flex_attention``; True also with sdpa/eager (a dense 4-D mask).
         model_ids: identities of ``(pi_plus, pi_minus)`` for the cache key, instead of hashing their weights.
         progress: show a tqdm progress bar over pairs.
     Returns:
@@ -485,10 +504,19 @@ def estimate_token_weights(
 
     if padding_free is None:
         padding_free = _packs_efficiently(pi_plus) and (pi_minus is None or _packs_efficiently(pi_minus))
+    models = [m for m in (pi_plus, pi_minus) if m is not None]
+    if prefix_sharing is None:
+        prefix_sharing = all(_attn_implementation(m) == "flex_attention" for m in models)
+    if prefix_sharing:
+        names = ("pi_plus", "pi_minus")[: len(models)]
+        how = [check_attention(_attn_implementation(m), name) for m, name in zip(models, names, strict=True)]
+        logger.info("Prefix sharing: one [prompt | chosen | rejected] row per pair; attention: %s.",
+                    " / ".join(dict.fromkeys(how)))
     if model_ids is None:
         model_ids = (model_fingerprint(pi_plus), None if pi_minus is None else model_fingerprint(pi_minus))
     key = _run_key(dataset, tokenizer, model_ids, method=method, shard_size=shard_size, batch_size=batch_size,
-                   system_prompts=list(system_prompts) if method == "P" else None, padding_free=padding_free)
+                   system_prompts=list(system_prompts) if method == "P" else None, padding_free=padding_free,
+                   **({"prefix_sharing": True} if prefix_sharing else {}))
     root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "tisdpo", "token_weights")
     run_dir = os.path.join(root, key)
     os.makedirs(run_dir, exist_ok=True)
@@ -497,7 +525,7 @@ def estimate_token_weights(
     paths = [os.path.join(run_dir, f"shard-{i:05d}.parquet") for i in range(len(bounds))]
     done = sum(hi - lo for (lo, hi), p in zip(bounds, paths, strict=True) if os.path.exists(p))
     estimator = _Estimator(pi_plus, pi_minus, tokenizer, method, tuple(system_prompts), backend, device,
-                           padding_free)
+                           padding_free, prefix_sharing)
     with tqdm(total=n, initial=done, desc=f"token weights ({method})", unit="pair", disable=not progress) as pbar:
         for (lo, hi), path in zip(bounds, paths, strict=True):
             if not os.path.exists(path):
@@ -590,6 +618,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--padding-free", choices=("auto", "true", "false"), default="auto",
                         help="pack the sequences of a batch without padding (auto: with flash/flex attention)")
+    parser.add_argument("--prefix-sharing", choices=("auto", "true", "false"), default="auto",
+                        help="one [prompt | chosen | rejected] row per pair, the prompt run once (auto: with flex "
+                        "attention)")
     parser.add_argument("--shard-size", type=int, default=1024)
     parser.add_argument("--cache-dir", default=None, help="shard cache (default ~/.cache/tisdpo/token_weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -615,6 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         system_prompts=(args.good_system_prompt, args.bad_system_prompt), batch_size=args.batch_size,
         shard_size=args.shard_size, cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress,
         padding_free={"auto": None, "true": True, "false": False}[args.padding_free],
+        prefix_sharing={"auto": None, "true": True, "false": False}[args.prefix_sharing],
     )
     if args.transform is not None:
         result = transform_token_weights(result, args.transform, args.transform_kwargs, eos_weight=args.eos_weight)

@@ -1,11 +1,12 @@
 """Pure-PyTorch token-chunked path (``backend="torch"``): runs anywhere, CPU included.
 
 Computes per-token label log-probs (and, for the KL variants, the per-token KL between policy and
-reference) of the response rows without ever holding more than one chunk of ``[rows, V]`` logits,
-forward or backward: the forward keeps only per-row log-sum-exps, the backward recomputes each
-chunk's logits from them. Math in float32 (float64 for float64 inputs); gradients are accumulated
-in that precision and returned in the input dtype. Half-precision weights are upcast once per call
-(a ``[V, D]`` float32 copy), so the per-chunk matmuls run in float32 on CPU.
+reference; for WPO the per-token ``log sum_v p(v)^2``) of the response rows without ever holding
+more than one chunk of ``[rows, V]`` logits, forward or backward: the forward keeps only per-row
+log-sum-exps, the backward recomputes each chunk's logits from them. Math in float32 (float64 for
+float64 inputs); gradients are accumulated in that precision and returned in the input dtype.
+Half-precision weights are upcast once per call (a ``[V, D]`` float32 copy), so the per-chunk
+matmuls run in float32 on CPU.
 
 Tested against ``reference.py`` in ``tests/test_chunked.py`` and through ``tests/test_loss.py``.
 """
@@ -29,6 +30,7 @@ def default_chunk_size(vocab_size: int) -> int:
 class _ChunkParams:
     chunk_size: int
     kl_mode: str | None = None  # None (log-probs only), "tis" or "tdpo"
+    log_collision: bool = False  # also return log sum_v p(v)^2 per row (no gradient)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -43,7 +45,8 @@ def _chunk_logits(h, w, b, cd):
 
 
 class ChunkedLinearLogprobsFunction(torch.autograd.Function):
-    """``log_softmax(hidden @ weight.T + bias)[arange(n), labels]`` chunked over rows."""
+    """``log_softmax(hidden @ weight.T + bias)[arange(n), labels]`` chunked over rows (and, with
+    ``params.log_collision``, a second, non-differentiable output ``logsumexp(2 log_softmax(z))``)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, params: _ChunkParams):
@@ -52,17 +55,23 @@ class ChunkedLinearLogprobsFunction(torch.autograd.Function):
         n = hidden.shape[0]
         lse = torch.empty(n, dtype=cd, device=hidden.device)
         logps = torch.empty(n, dtype=cd, device=hidden.device)
+        collision = torch.empty(n, dtype=cd, device=hidden.device) if params.log_collision else None
         for s in range(0, n, params.chunk_size):
             e = min(s + params.chunk_size, n)
             z = _chunk_logits(hidden[s:e], w, b, cd)
             lse[s:e] = torch.logsumexp(z, dim=-1)
             logps[s:e] = z.gather(1, labels[s:e, None]).squeeze(1) - lse[s:e]
+            if collision is not None:
+                collision[s:e] = torch.logsumexp(z.sub_(lse[s:e, None]).mul_(2), dim=-1)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.params = params
-        return logps
+        if collision is None:
+            return logps
+        ctx.mark_non_differentiable(collision)
+        return logps, collision
 
     @staticmethod
-    def backward(ctx, grad_logps):
+    def backward(ctx, grad_logps, *_grad_collision):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         grads = _chunked_backward(ctx, hidden, weight, bias, labels, lse, grad_logps)
         return grads[0], grads[1], grads[2], None, None
@@ -123,7 +132,8 @@ def _chunked_backward(ctx, hidden, weight, bias, labels, lse, grad_logps, kl_ter
 
 
 class ChunkedLinearKLFunction(torch.autograd.Function):
-    """Policy and reference log-probs of the labels plus the per-token KL, chunked over rows.
+    """Policy and reference log-probs of the labels plus the per-token KL, chunked over rows (plus the policy's
+    ``log sum_v p(v)^2`` with ``params.log_collision``, without gradient).
 
     Gradients flow into the policy (hidden, weight, bias) only; the reference is a constant.
     """
@@ -137,6 +147,7 @@ class ChunkedLinearKLFunction(torch.autograd.Function):
         lse, ref_lse, logps, ref_logps, token_kl = (
             torch.empty(n, dtype=cd, device=hidden.device) for _ in range(5)
         )
+        collision = torch.empty(n, dtype=cd, device=hidden.device) if params.log_collision else None
         for s in range(0, n, params.chunk_size):
             e = min(s + params.chunk_size, n)
             z = _chunk_logits(hidden[s:e], w, b, cd)
@@ -152,30 +163,37 @@ class ChunkedLinearKLFunction(torch.autograd.Function):
                 token_kl[s:e] = (logp.exp() * (logp - logq)).sum(-1)
             else:
                 token_kl[s:e] = (logq.exp() * (logq - logp)).sum(-1)
+            if collision is not None:
+                collision[s:e] = torch.logsumexp(logp.mul_(2), dim=-1)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, ref_hidden, ref_weight, ref_bias, ref_lse, token_kl)
         ctx.params = params
-        ctx.mark_non_differentiable(ref_logps)
-        return logps, ref_logps, token_kl
+        if collision is None:
+            ctx.mark_non_differentiable(ref_logps)
+            return logps, ref_logps, token_kl
+        ctx.mark_non_differentiable(ref_logps, collision)
+        return logps, ref_logps, token_kl, collision
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_ref_logps, grad_kl):
+    def backward(ctx, grad_logps, _grad_ref_logps, grad_kl, *_grad_collision):
         hidden, weight, bias, labels, lse, ref_hidden, ref_weight, ref_bias, ref_lse, token_kl = ctx.saved_tensors
         kl_terms = (ref_hidden, ref_weight, ref_bias, ref_lse, token_kl, grad_kl)
         d_h, d_w, d_b = _chunked_backward(ctx, hidden, weight, bias, labels, lse, grad_logps, kl_terms)
         return d_h, d_w, d_b, None, None, None, None, None
 
 
-def chunked_linear_logprobs(hidden, weight, labels, bias=None, chunk_size=None):
+def chunked_linear_logprobs(hidden, weight, labels, bias=None, chunk_size=None, log_collision=False):
     """Label log-probs of response rows, chunked: ``hidden [n, D]``, ``weight [V, D]``,
     ``labels [n]`` int64 in ``[0, V)``, ``bias [V]`` or None -> ``[n]`` float32 (float64 for
-    float64 inputs). Differentiable w.r.t. hidden, weight and bias."""
-    params = _ChunkParams(chunk_size or default_chunk_size(weight.shape[0]))
+    float64 inputs). Differentiable w.r.t. hidden, weight and bias. With ``log_collision=True`` returns
+    ``(logps, log_collision)``, the second ``[n]`` being ``log sum_v p(v)^2`` per row (no gradient)."""
+    params = _ChunkParams(chunk_size or default_chunk_size(weight.shape[0]), log_collision=log_collision)
     return ChunkedLinearLogprobsFunction.apply(hidden, weight, bias, labels, params)
 
 
 def chunked_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=None, ref_bias=None,
-                      chunk_size=None):
-    """``(logps, ref_logps, token_kl)``, each ``[n]`` float32, for response rows.
+                      chunk_size=None, log_collision=False):
+    """``(logps, ref_logps, token_kl)``, each ``[n]`` float32, for response rows (a fourth, the policy's
+    ``log sum_v p(v)^2``, with ``log_collision=True``).
 
     ``mode="tis"``: ``KL(pi_theta || pi_ref)``; ``mode="tdpo"``: ``KL(pi_ref || pi_theta)``, summed
     over the full vocabulary per row. ``ref_hidden [n, D_ref]``, ``ref_weight [V, D_ref]``.
@@ -183,5 +201,6 @@ def chunked_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias
     """
     if mode not in ("tis", "tdpo"):
         raise ValueError(f"mode must be 'tis' or 'tdpo', got {mode!r}")
-    params = _ChunkParams(chunk_size or default_chunk_size(weight.shape[0]), kl_mode=mode)
+    params = _ChunkParams(chunk_size or default_chunk_size(weight.shape[0]), kl_mode=mode,
+                          log_collision=log_collision)
     return ChunkedLinearKLFunction.apply(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, params)

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from . import chunked
+from .objectives import check_ld_alpha, ld_token_weights, loss_terms
 from .ops._config import auto_backend, interpreting
 from .reference import (
     KL_MODES,
-    LOSS_TYPES,
     pair_objective,
     sequence_layout,
     sequence_sums,
@@ -79,7 +79,8 @@ class _KernelOptions:
     fp32_precision: str = "tf32"
 
 
-def _linear_logprobs_rows(backend, hidden, weight, labels, bias, opts: _KernelOptions):
+def _linear_logprobs_rows(backend, hidden, weight, labels, bias, opts: _KernelOptions, log_collision=False):
+    """Label log-probs of the rows; ``(logps, log_collision)`` with ``log_collision=True`` (torch backend only)."""
     if backend == "split":
         from .ops.linear_split import split_linear_logprobs
 
@@ -89,11 +90,13 @@ def _linear_logprobs_rows(backend, hidden, weight, labels, bias, opts: _KernelOp
 
         return triton_linear_logprobs(hidden, weight, labels, bias=bias, deterministic=opts.deterministic,
                                       filter_eps=opts.grad_filter_eps, fp32_precision=opts.fp32_precision)
-    return chunked.chunked_linear_logprobs(hidden, weight, labels, bias=bias, chunk_size=opts.chunk_size)
+    return chunked.chunked_linear_logprobs(hidden, weight, labels, bias=bias, chunk_size=opts.chunk_size,
+                                           log_collision=log_collision)
 
 
 def _linear_kl_rows(backend, hidden, weight, labels, ref_hidden, ref_weight, mode, bias, ref_bias,
-                    opts: _KernelOptions):
+                    opts: _KernelOptions, log_collision=False):
+    """``(logps, ref_logps, token_kl)``, plus the policy's log-collision with ``log_collision=True`` (torch only)."""
     if backend == "split":
         from .ops.linear_split import split_linear_kl
 
@@ -106,7 +109,7 @@ def _linear_kl_rows(backend, hidden, weight, labels, ref_hidden, ref_weight, mod
                                 deterministic=opts.deterministic, filter_eps=opts.grad_filter_eps,
                                 fp32_precision=opts.fp32_precision)
     return chunked.chunked_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=bias,
-                                     ref_bias=ref_bias, chunk_size=opts.chunk_size)
+                                     ref_bias=ref_bias, chunk_size=opts.chunk_size, log_collision=log_collision)
 
 
 def _kernel_options(chunk_size, deterministic, grad_filter_eps, fp32_precision="tf32",
@@ -124,10 +127,10 @@ def _kernel_options(chunk_size, deterministic, grad_filter_eps, fp32_precision="
 
 
 def _sequence_sums(backend, logps, lpref, weights, contrastive, weight_transform, transform_kwargs, rows: _Rows,
-                   token_kl, kl):
+                   token_kl, kl, log_collision=None):
     """Per-sequence sums of the response rows: Triton's segment-sum kernels (the weight transform
-    evaluated in the kernel) or ``reference.sequence_sums`` on the torch path (and the split path on
-    plain CPU tensors)."""
+    evaluated in the kernel) or ``reference.sequence_sums`` on the torch path (the only one with
+    ``log_collision``, WPO's statistic) and on the split path with plain CPU tensors."""
     if backend == "triton" or (backend == "split" and (logps.device.type == "cuda" or interpreting())):
         from .ops.pair_loss import sequence_sums_unchecked
 
@@ -139,7 +142,8 @@ def _sequence_sums(backend, logps, lpref, weights, contrastive, weight_transform
                                                  transform_kwargs)
     elif weights is None:
         weights = torch.ones_like(logps)
-    return sequence_sums(logps, lpref, weights, rows.seq_ids, rows.num_seqs, token_kl=token_kl, kl=kl)
+    return sequence_sums(logps, lpref, weights, rows.seq_ids, rows.num_seqs, token_kl=token_kl, kl=kl,
+                         log_collision=log_collision)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,6 +228,29 @@ def _check_cu_seqlens(cu_seqlens, n_tokens):
         )
 
 
+def _check_finite_result(result, inputs):
+    """One rule for non-finite inputs the forward reads whole (hidden, weight, bias and their reference twins):
+    instead of scanning each input on every call, check the (small) result for NaN/inf -- ``result`` holds the
+    loss and the per-sequence sums, or the per-token log-probs -- and only when it is not finite look for the
+    input to blame. Cost per call: one reduction over the result and one host sync (``bool``), which waits for
+    the forward kernels to finish before the backward is queued; the input scans run only on the error path.
+    ``inputs``: ``(name, tensor, or a function returning one, or None)`` pairs, hidden rows restricted to the
+    response rows."""
+    if bool(torch.isfinite(result).all()):
+        return
+    for name, t in inputs:
+        t = t() if callable(t) else t
+        if t is not None:
+            bad = ~torch.isfinite(t.detach()).reshape(t.shape[0], -1).all(dim=1) if t.dim() else ~torch.isfinite(t)
+            if bool(bad.any()):
+                where = "response rows" if name.endswith("hidden") else "rows"
+                raise ValueError(f"{name} has non-finite values (NaN/inf): {int(bad.sum())} of {bad.numel()} "
+                                 f"{where}, so the loss would be NaN/inf")
+    names = ", ".join(name for name, t in inputs if t is not None)
+    raise ValueError(f"the loss is not finite although every input ({names}) is: the values overflow in the "
+                     "computation (e.g. hidden states or logits too large for the dtype)")
+
+
 @dataclass(frozen=True)
 class _Rows:
     """The response rows of a batch, flattened: index into the flattened batch and sequence ids."""
@@ -253,13 +280,42 @@ def _gather_rows(t, index):
     return t.reshape(-1, t.shape[-1]).index_select(0, index)
 
 
+def _check_row_index(row_index, labels, hidden):
+    """The explicit-rows form: ``row_index`` ``[n]`` int32/int64 into ``hidden.reshape(-1, D)``, one per entry
+    of the 1-D ``labels`` ``[n]``. Returns a zero-copy ``[n, D]`` stand-in for ``hidden`` (its dtype, device and
+    the shape of the gathered rows) for the shared shape/dtype/label checks of ``_check_linear``."""
+    _check_float("hidden", hidden)
+    if not isinstance(row_index, torch.Tensor) or row_index.dtype not in (torch.int32, torch.int64):
+        got = getattr(row_index, "dtype", type(row_index).__name__)
+        raise TypeError(f"row_index must be an int32/int64 tensor [n], got {got}")
+    if row_index.dim() != 1:
+        raise ValueError(f"row_index must be 1-D [n], got shape {tuple(row_index.shape)}")
+    if row_index.device != hidden.device:
+        raise ValueError(f"row_index is on {row_index.device} but hidden is on {hidden.device}")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.numel() != row_index.numel():
+        raise ValueError(
+            f"with row_index, labels must be 1-D with one label per row: labels shape "
+            f"{tuple(getattr(labels, 'shape', ()))}, row_index has {row_index.numel()} entries"
+        )
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be [..., D], got shape {tuple(hidden.shape)}")
+    rows = math.prod(hidden.shape[:-1])
+    bad = (row_index < 0) | (row_index >= rows)
+    if bool(bad.any()):
+        raise ValueError(
+            f"row_index must lie in [0, {rows}) (the rows of hidden.reshape(-1, D)); found {row_index[bad][0].item()} "
+            f"({int(bad.sum())} bad entries)"
+        )
+    return hidden.reshape(-1, hidden.shape[-1])[:1].expand(row_index.numel(), -1)
+
+
 # ----------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------
 
 
 def fused_linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, backend="auto", chunk_size=None,
-                          deterministic=False, grad_filter_eps=None, fp32_precision="tf32"):
+                          deterministic=False, grad_filter_eps=None, row_index=None, fp32_precision="tf32"):
     """Per-token label log-probs without materialising the logits.
 
     Plain-torch equivalent::
@@ -267,22 +323,33 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
         logp = torch.log_softmax((hidden @ weight.T + bias).float(), -1)
         out = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != ignore_index)
 
+    With ``row_index`` the same with ``hidden`` replaced by ``hidden.reshape(-1, D)[row_index]``.
+
     Args:
         hidden: ``[..., D]`` fp16/bf16/fp32/fp64 (any leading shape, e.g. ``[B, T, D]`` or packed ``[N, D]``).
         weight: ``[V, D]``, same dtype. bias: ``[V]`` or None.
-        labels: ``[...]`` integer, ``hidden.shape[:-1]``, already aligned with ``hidden`` (no shift inside).
+        labels: ``[...]`` integer, ``hidden.shape[:-1]``, already aligned with ``hidden`` (no shift inside); with
+            ``row_index``: ``[n]``, the label of each named row.
+        row_index: ``[n]`` int32/int64 or None: explicit rows of ``hidden.reshape(-1, D)`` whose log-probs are
+            wanted (a row may appear several times, e.g. a shared prompt's last row predicting the first token of
+            two responses, see ``tisdpo.prefix``); its gradients add up.
         backend, chunk_size, deterministic, grad_filter_eps, fp32_precision: as in :func:`fused_tis_dpo_loss`.
     Returns:
-        ``[...]`` float32 (float64 for float64 inputs), 0 at ignored positions; differentiable w.r.t.
-        hidden, weight and bias.
+        ``[...]`` (``[n]`` with ``row_index``) float32 (float64 for float64 inputs), 0 at ignored positions;
+        differentiable w.r.t. hidden, weight and bias.
     """
-    _check_linear(hidden, weight, bias, labels, ignore_index)
+    if row_index is None:
+        _check_linear(hidden, weight, bias, labels, ignore_index)
+    else:
+        _check_linear(_check_row_index(row_index, labels, hidden), weight, bias, labels, ignore_index)
     backend = _resolve_backend(backend, hidden.device, weight.shape[1], grad_filter_eps is not None)
     opts = _kernel_options(chunk_size, deterministic, grad_filter_eps, fp32_precision, backend)
     flat = labels.reshape(-1)
     index = (flat != ignore_index).nonzero().squeeze(1)
-    rows = _linear_logprobs_rows(backend, _gather_rows(hidden, index), weight, flat[index].to(torch.long), bias,
-                                 opts)
+    hidden_index = index if row_index is None else row_index.to(torch.long)[index]
+    h_rows = _gather_rows(hidden, hidden_index)
+    rows = _linear_logprobs_rows(backend, h_rows, weight, flat[index].to(torch.long), bias, opts)
+    _check_finite_result(rows.detach(), (("hidden", h_rows), ("weight", weight), ("bias", bias)))
     out = torch.zeros(flat.shape[0], dtype=rows.dtype, device=rows.device).index_copy(0, index, rows)
     return out.view(labels.shape)
 
@@ -290,9 +357,9 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
 def fused_tis_dpo_loss(
     hidden, weight, labels, *, bias=None, ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
     token_weights=None, contrastive_logps=None, weight_transform="origin", transform_kwargs=None,
-    beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0, ignore_index=-100,
-    cu_seqlens=None, backend="auto", chunk_size=None, deterministic=False, grad_filter_eps=None,
-    fp32_precision="tf32",
+    beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0, loss_weights=None, discopop_tau=0.05,
+    ld_alpha=None, use_weighting=False, ignore_index=-100, cu_seqlens=None, backend="auto", chunk_size=None,
+    deterministic=False, grad_filter_eps=None, row_index=None, fp32_precision="tf32",
 ):
     """TIS-DPO / DPO / TDPO loss from last hidden states, never materialising ``[tokens, V]`` logits.
 
@@ -300,8 +367,11 @@ def fused_tis_dpo_loss(
     ``m_t = lp_t - lpref_t``; per sequence ``M = sum_t w_t m_t``; per pair
     ``loss = -log sigmoid(beta (M_c - M_r))`` averaged over pairs (TIS-DPO, Liu et al. 2024,
     arXiv 2410.04350; with ``w_t = 1`` it is DPO, Rafailov et al. 2023). See DESIGN §1 for the KL
-    variants (``kl="tisdpo"|"tdpo1"|"tdpo2"``, TDPO: Zeng et al. 2024) and ``reference.pair_objective``
-    for the ``loss_type`` formulas (``"sigmoid"`` with ``label_smoothing`` = cDPO, ``"ipo"``, ``"hinge"``).
+    variants (``kl="tisdpo"|"tdpo1"|"tdpo2"``, TDPO: Zeng et al. 2024) and ``tisdpo_kernels.objectives`` for
+    the ``loss_type`` formulas: TRL's names and meanings (``"sigmoid"``, ``"ipo"`` (length-normalised),
+    ``"hinge"``, ``"robust"``, ``"exo_pair"``, ``"nca_pair"``, ``"bco_pair"``, ``"sppo_hard"``, ``"aot"``,
+    ``"aot_unpaired"``, ``"apo_zero"``, ``"apo_down"``, ``"discopop"``, ``"sigmoid_norm"``, ``"sft"``) plus
+    ``"cdpo"`` (sigmoid with ``label_smoothing``: conservative DPO).
 
     Args:
         hidden: padded ``[2B, T, D]`` (rows ``0..B-1`` chosen, ``B..2B-1`` rejected) or packed ``[N, D]``
@@ -315,7 +385,24 @@ def fused_tis_dpo_loss(
             neg)``, each shaped like ``labels``, turned into weights by ``weight_transform`` applied to
             ``r = pos - neg`` on chosen and to ``-r`` on rejected tokens (``transform_kwargs`` override the
             transform's defaults, see ``reference.apply_weight_transform``).
+        loss_type: a loss type or a list of them (TRL's form), combined as ``sum_k loss_weights[k] * loss_k``
+            (``loss_weights``: one finite number per type, default 1 each). label_smoothing: ``eps`` in [0, 0.5)
+            of ``cdpo``, ``robust``, ``exo_pair``, ``aot``, ``aot_unpaired`` (refused with any other type).
+            discopop_tau: ``tau`` of ``discopop``.
+        ld_alpha: LD-DPO (None: off; in [0, 1]): the response tokens past the shorter response's length in each
+            pair get token weight ``ld_alpha`` (times any other token weight), for policy and reference alike
+            (``objectives.ld_token_weights``).
+        use_weighting: WPO: each pair's loss times ``exp(mean_t(lp - log sum_v p(v)^2)_c + (..)_r)``, a
+            constant (``reference.pair_objective``). Needs the full policy distribution per token: the torch
+            backend computes it in its chunked pass; the Triton kernels do not, so it raises there.
         cu_seqlens: ``[2B+1]`` int32/int64 boundaries of packed sequences, chosen first then rejected.
+        row_index: explicit response rows (prefix-shared layouts, ``tisdpo.prefix``): ``[n]`` int32/int64 indices
+            into ``hidden.reshape(-1, D)`` (any leading shape), one per entry of ``labels`` ``[n]``; a row may
+            appear twice (a shared prompt's last row predicts the first chosen and the first rejected token).
+            Needs ``cu_seqlens`` ``[2B+1]``, the sequence boundaries over these ``n`` entries (chosen sequences
+            first). ``ref_hidden`` stays shaped like ``hidden`` and is gathered with the same rows; ``ref_logps``,
+            ``token_weights`` and ``contrastive_logps`` are shaped like ``labels``. The result equals the packed
+            call on ``hidden.reshape(-1, D)[row_index]``; gradients of a repeated row add up.
         backend: ``"auto"`` | ``"torch"`` | ``"split"`` | ``"triton"`` (see the module docstring; ``"auto"``
             on CUDA picks by the hidden size from ``ops._config.AUTO_BACKENDS``, and ``"triton"`` whenever
             ``grad_filter_eps`` is set). chunk_size: rows per chunk of the torch path.
@@ -331,28 +418,39 @@ def fused_tis_dpo_loss(
         ``(loss, metrics)``: scalar loss (float32, float64 for float64 inputs) and a dict of detached
         scalars averaged over pairs: ``rewards/{chosen,rejected,margins,accuracies}``,
         ``logps/{chosen,rejected}`` (summed, unweighted), ``logps/{chosen,rejected}_weighted``,
-        ``weights/{chosen,rejected}_mean`` and, with a KL variant, ``kl/{chosen,rejected}``.
+        ``weights/{chosen,rejected}_mean`` (these include the ``ld_alpha`` weights), with a KL variant
+        ``kl/{chosen,rejected}`` and with ``use_weighting`` ``weights/wpo_pair_mean``.
+    Raises:
+        ``ValueError`` naming the argument for bad input, including a NaN/inf in ``hidden`` (response rows),
+        ``weight``, ``bias`` or their ``ref_`` twins, found when the loss or a per-sequence sum is not finite
+        (one host sync per call), and a ``weight_transform`` / ``transform_kwargs`` without ``contrastive_logps``.
     """
     if kl not in KL_MODES:
         raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    loss_terms(loss_type, loss_weights, label_smoothing=label_smoothing, discopop_tau=discopop_tau, kl=kl,
+               use_weighting=use_weighting)
     for name, value in (("beta", beta), ("alpha", alpha)):
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing!r}")
-    if label_smoothing and loss_type != "sigmoid":
-        raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, got loss_type={loss_type!r}")
+    check_ld_alpha(ld_alpha)
 
-    vocab = _check_linear(hidden, weight, bias, labels, ignore_index)
-    if cu_seqlens is None:
+    if row_index is not None:
+        vocab = _check_linear(_check_row_index(row_index, labels, hidden), weight, bias, labels, ignore_index)
+        if cu_seqlens is None:
+            raise ValueError("row_index needs cu_seqlens: the [2B+1] sequence boundaries over the rows it names")
+        _check_cu_seqlens(cu_seqlens, labels.numel())
+        cu_seqlens = cu_seqlens.to(hidden.device)
+    else:
+        vocab = _check_linear(hidden, weight, bias, labels, ignore_index)
+    if row_index is None and cu_seqlens is None:
         if hidden.dim() != 3:
             raise ValueError(f"hidden must be [2B, T, D] (or packed [N, D] with cu_seqlens), got {tuple(hidden.shape)}")
+        if hidden.shape[0] == 0:
+            raise ValueError("hidden has no rows: a padded batch needs at least one pair (B chosen then B rejected)")
         if hidden.shape[0] % 2:
             raise ValueError(f"hidden has an odd number of rows ({hidden.shape[0]}): rows must be B chosen then "
                              "B rejected")
-    else:
+    elif row_index is None:
         if hidden.dim() != 2:
             raise ValueError(f"with cu_seqlens, hidden must be packed [N, D], got {tuple(hidden.shape)}")
         _check_cu_seqlens(cu_seqlens, hidden.shape[0])
@@ -385,45 +483,78 @@ def fused_tis_dpo_loss(
             raise TypeError("contrastive_logps must be a pair (pos_logps, neg_logps)")
         for name, t in zip(("contrastive_logps[0]", "contrastive_logps[1]"), contrastive_logps, strict=True):
             _check_token_tensor(name, t, labels.shape, valid)
-        transform_params(weight_transform, transform_kwargs)
+    transform_params(weight_transform, transform_kwargs)  # an unknown name or key is an error whatever the weights
+    if contrastive_logps is None and (weight_transform != "origin" or transform_kwargs):
+        given = "token_weights, which are used as given" if token_weights is not None else "no weights (DPO)"
+        raise ValueError(
+            f"weight_transform={weight_transform!r} / transform_kwargs apply to contrastive_logps only, but the call "
+            f"passes {given}; transform token weights before the call (tisdpo_kernels.reference."
+            "apply_weight_transform) or leave weight_transform='origin'"
+        )
 
     backend = _resolve_backend(backend, hidden.device, weight.shape[1], grad_filter_eps is not None)
+    if use_weighting and backend in ("triton", "split"):
+        raise ValueError(
+            f"use_weighting=True (WPO) needs log sum_v p(v)^2 of every response token, which backend={backend!r} "
+            "does not compute; use backend='torch' (the chunked path computes it in its forward pass)"
+        )
     opts = _kernel_options(chunk_size, deterministic, grad_filter_eps, fp32_precision, backend)
     rows = _response_rows(labels, cu_seqlens, ignore_index)
-    h_rows = _gather_rows(hidden, rows.index)
-    token_kl = None
+    hidden_index = rows.index if row_index is None else row_index.to(torch.long)[rows.index]
+    h_rows = _gather_rows(hidden, hidden_index)
+    token_kl = collision = None
     if kl is not None:
         mode = "tis" if kl == "tisdpo" else "tdpo"
-        ref_rows = _gather_rows(ref_hidden.detach(), rows.index)
-        logps, lpref, token_kl = _linear_kl_rows(
-            backend, h_rows, weight, rows.labels, ref_rows, ref_weight.detach(), mode, bias,
-            None if ref_bias is None else ref_bias.detach(), opts)
+        ref_rows = _gather_rows(ref_hidden.detach(), hidden_index)
+        out = _linear_kl_rows(backend, h_rows, weight, rows.labels, ref_rows, ref_weight.detach(), mode, bias,
+                              None if ref_bias is None else ref_bias.detach(), opts, log_collision=use_weighting)
+        logps, lpref, token_kl = out[:3]
+        if use_weighting:
+            collision = out[3]
     else:
-        logps = _linear_logprobs_rows(backend, h_rows, weight, rows.labels, bias, opts)
+        out = _linear_logprobs_rows(backend, h_rows, weight, rows.labels, bias, opts, log_collision=use_weighting)
+        logps, collision = out if use_weighting else (out, None)
         if ref_logps is not None:
             lpref = ref_logps.reshape(-1)[rows.index].to(logps.dtype)
         else:
             with torch.no_grad():
-                lpref = _linear_logprobs_rows(backend, _gather_rows(ref_hidden, rows.index), ref_weight,
+                lpref = _linear_logprobs_rows(backend, _gather_rows(ref_hidden, hidden_index), ref_weight,
                                               rows.labels, ref_bias, opts)
     w = None if token_weights is None else token_weights.reshape(-1)[rows.index].to(logps.dtype).detach()
     contrastive = None
     if contrastive_logps is not None:
         contrastive = tuple(t.reshape(-1)[rows.index].to(logps.dtype).detach() for t in contrastive_logps)
+    if ld_alpha is not None:  # LD-DPO as token weights, times the given / transformed ones
+        if contrastive is not None:
+            w = token_weights_from_contrastive(*contrastive, rows.seq_ids < rows.num_seqs // 2, weight_transform,
+                                               transform_kwargs)
+            contrastive = None
+        ld = ld_token_weights(rows.seq_ids, rows.num_seqs, ld_alpha).to(logps.dtype)
+        w = ld if w is None else w * ld
     sums = _sequence_sums(backend, logps, lpref.detach(), w, contrastive, weight_transform, transform_kwargs,
-                          rows, token_kl, kl)
-    return pair_objective(sums, beta=beta, alpha=alpha, kl=kl, loss_type=loss_type, label_smoothing=label_smoothing)
+                          rows, token_kl, kl, collision)
+    loss, metrics = pair_objective(sums, beta=beta, alpha=alpha, kl=kl, loss_type=loss_type,
+                                   label_smoothing=label_smoothing, loss_weights=loss_weights,
+                                   discopop_tau=discopop_tau, use_weighting=use_weighting)
+    ref_rows = None if ref_hidden is None else (lambda: _gather_rows(ref_hidden, hidden_index))
+    _check_finite_result(torch.cat([loss.detach().reshape(1), sums.M.detach(), sums.LP.detach(), sums.K.detach()]),
+                         (("hidden", h_rows), ("weight", weight), ("bias", bias), ("ref_hidden", ref_rows),
+                          ("ref_weight", ref_weight), ("ref_bias", ref_bias)))
+    return loss, metrics
 
 
 class FusedTISDPOLoss(torch.nn.Module):
     """``nn.Module`` form of :func:`fused_tis_dpo_loss` (Liger-style): options at construction,
     tensors at call time. ``forward(hidden, weight, labels, **tensors) -> (loss, metrics)``."""
 
-    def __init__(self, *, beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0,
-                 weight_transform="origin", transform_kwargs=None, ignore_index=-100, backend="auto",
-                 chunk_size=None, deterministic=False, grad_filter_eps=None, fp32_precision="tf32"):
+    def __init__(self, *, beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0, loss_weights=None,
+                 discopop_tau=0.05, ld_alpha=None, use_weighting=False, weight_transform="origin",
+                 transform_kwargs=None, ignore_index=-100, backend="auto", chunk_size=None, deterministic=False,
+                 grad_filter_eps=None, fp32_precision="tf32"):
         super().__init__()
         self.options = dict(beta=beta, alpha=alpha, kl=kl, loss_type=loss_type, label_smoothing=label_smoothing,
+                            loss_weights=loss_weights, discopop_tau=discopop_tau, ld_alpha=ld_alpha,
+                            use_weighting=use_weighting,
                             weight_transform=weight_transform, transform_kwargs=transform_kwargs,
                             ignore_index=ignore_index, backend=backend, chunk_size=chunk_size,
                             deterministic=deterministic, grad_filter_eps=grad_filter_eps,

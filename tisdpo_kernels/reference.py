@@ -8,7 +8,7 @@ tested against, forward values and gradients.
 Shared by the fast paths as well (they are O(batch) or O(tokens), never O(tokens x vocab)):
 ``apply_weight_transform`` (the elementwise token-weight transforms), ``sequence_layout``
 (padded / packed layouts -> per-token sequence ids) and ``pair_objective`` (per-sequence sums ->
-the per-pair DPO-family loss and its metrics).
+the per-pair DPO-family loss and its metrics; the loss types' formulas live in ``objectives.py``).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from .objectives import LOSS_FUNCTIONS, LOSS_TYPES, PairTerms, ld_token_weights, loss_terms
 
 KL_MODES = (None, "tisdpo", "tdpo1", "tdpo2")
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 ELEMENTWISE_TRANSFORMS = ("origin", "threshold", "threshold_and_scale", "exp_clamp")
 _TRANSFORM_DEFAULTS = {
     "origin": {},
@@ -121,6 +121,12 @@ def reference_linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index
     return gathered * mask
 
 
+def reference_log_collision(hidden, weight, *, bias=None):
+    """``log sum_v p(v)^2`` per token over the full vocabulary (``logsumexp(2 log_softmax(z))``, i.e.
+    ``logsumexp(2z) - 2 logsumexp(z)``): the per-token statistic of WPO's weights. ``[..., D]`` -> ``[...]``."""
+    return torch.logsumexp(2 * _full_log_softmax(hidden, weight, bias), dim=-1)
+
+
 def reference_token_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, mode="tis"):
     """Per-token KL over the full vocabulary: ``mode="tis"`` is KL(pi_theta || pi_ref), ``"tdpo"``
     is KL(pi_ref || pi_theta). Shapes ``[..., D]`` -> ``[...]``; the reference side is not detached
@@ -140,7 +146,8 @@ class SequenceSums:
 
     ``M = sum w*(lp - lpref)``, ``LP = sum lp``, ``LPW = sum w*lp``, ``K`` the KL sum (weighted by
     ``w`` for ``kl="tisdpo"``, unweighted for TDPO; zeros without KL), ``W = sum w``, ``count`` the
-    number of response tokens.
+    number of response tokens; ``LPA = sum (lp - log sum_v p(v)^2)`` (detached, unweighted; WPO's
+    "aligned" log-probs) when the per-token collision statistic was given, else None.
     """
 
     M: torch.Tensor
@@ -149,10 +156,13 @@ class SequenceSums:
     K: torch.Tensor
     W: torch.Tensor
     count: torch.Tensor
+    LPA: torch.Tensor | None = None
 
 
-def sequence_sums(policy_logps, ref_logps, weights, seq_ids, num_seqs, *, token_kl=None, kl=None) -> SequenceSums:
-    """Segment sums of per-token vectors (all ``[n]``, response tokens only) into ``[num_seqs]``."""
+def sequence_sums(policy_logps, ref_logps, weights, seq_ids, num_seqs, *, token_kl=None, kl=None,
+                  log_collision=None) -> SequenceSums:
+    """Segment sums of per-token vectors (all ``[n]``, response tokens only) into ``[num_seqs]``;
+    ``log_collision`` (``[n]``, ``log sum_v p(v)^2``) adds ``LPA``."""
 
     def seg(values):
         return torch.zeros(num_seqs, dtype=values.dtype, device=values.device).index_add(0, seq_ids, values)
@@ -165,38 +175,58 @@ def sequence_sums(policy_logps, ref_logps, weights, seq_ids, num_seqs, *, token_
     return SequenceSums(
         M=seg(weights * m), LP=seg(policy_logps), LPW=seg(weights * policy_logps), K=k,
         W=seg(weights.detach()), count=seg(torch.ones_like(m)),
+        LPA=None if log_collision is None else seg((policy_logps - log_collision).detach()),
     )
 
 
-def pair_objective(sums: SequenceSums, *, beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0):
-    """Per-sequence sums -> (scalar loss averaged over pairs, dict of detached metrics). DESIGN §1.
+def pair_objective(sums: SequenceSums, *, beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0,
+                   loss_weights=None, discopop_tau=0.05, use_weighting=False):
+    """Per-sequence sums -> (scalar loss, dict of detached metrics). DESIGN §1; every path calls this.
 
-    ``h = M_c - M_r`` (DPO / TIS-DPO), ``- alpha (K_c - K_r)`` for ``kl="tisdpo"``,
-    ``- (K_r - K_c)`` for ``"tdpo1"``, ``- alpha (K_r - stopgrad K_c)`` for ``"tdpo2"``; then
-    sigmoid (cDPO with ``label_smoothing``): ``-(1-eps) log s(beta h) - eps log s(-beta h)``,
-    IPO: ``(h - 1/(2 beta))^2``, hinge: ``relu(1 - beta h)``.
+    Per-sequence scores ``s`` with ``h = s_c - s_r``: ``s = M`` (DPO / TIS-DPO); ``kl="tisdpo"``:
+    ``s = M - alpha K``; ``"tdpo1"``: ``s = M + K``; ``"tdpo2"``: ``s_c = M_c + alpha stopgrad(K_c)``,
+    ``s_r = M_r + alpha K_r``. ``loss_type`` (a name or TRL's list form, weighted by ``loss_weights``) picks the
+    formulas of ``objectives.py`` (TRL's names and meanings), each averaged over pairs and summed with its weight.
+
+    ``use_weighting`` (WPO, Zhou et al. 2024, arXiv 2406.11827): every pair's loss is multiplied by the constant
+    ``exp(LPA_c / n_c + LPA_r / n_r)``, the product of both responses' length-normalised probabilities under the
+    policy, each token's probability divided by ``sum_v p(v)^2`` (needs ``sums.LPA``). It is a sequence-level
+    weight that multiplies whatever the token weights did inside ``M``; it is computed from the unweighted
+    log-probs, as in TRL, so TIS-DPO and LD-DPO weights leave it unchanged.
     """
+    terms = loss_terms(loss_type, loss_weights, label_smoothing=label_smoothing, discopop_tau=discopop_tau, kl=kl,
+                       use_weighting=use_weighting)
     b = sums.M.shape[0] // 2
     mc, mr = sums.M[:b], sums.M[b:]
     kc, kr = sums.K[:b], sums.K[b:]
     if kl is None:
-        h, vc, vr = mc - mr, mc, mr
+        (sc, sr), vc, vr = (mc, mr), mc, mr
     elif kl == "tisdpo":
-        h, vc, vr = mc - mr - alpha * (kc - kr), mc - kc, mr - kr
+        (sc, sr), vc, vr = (mc - alpha * kc, mr - alpha * kr), mc - kc, mr - kr
     elif kl == "tdpo1":
-        h, vc, vr = mc - mr - (kr - kc), mc + kc, mr + kr
+        (sc, sr), vc, vr = (mc + kc, mr + kr), mc + kc, mr + kr
     elif kl == "tdpo2":
-        h, vc, vr = mc - mr - alpha * (kr - kc.detach()), mc + kc, mr + kr
+        (sc, sr), vc, vr = (mc + alpha * kc.detach(), mr + alpha * kr), mc + kc, mr + kr
     else:
         raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * h)
-    else:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    nc, nr = sums.count[:b], sums.count[b:]
+    lpw_c, lpw_r = sums.LPW[:b], sums.LPW[b:]
+    pair = PairTerms(chosen=sc, rejected=sr, chosen_count=nc, rejected_count=nr, chosen_policy=lpw_c,
+                     rejected_policy=lpw_r, chosen_ref=lpw_c - mc, rejected_ref=lpw_r - mr,
+                     chosen_nll=-sums.LP[:b].sum() / nc.sum(), beta=beta, label_smoothing=label_smoothing,
+                     discopop_tau=discopop_tau)
+    pair_weight = None
+    if use_weighting:
+        if sums.LPA is None:
+            raise ValueError("use_weighting=True needs sums.LPA (pass log_collision to sequence_sums)")
+        pair_weight = torch.exp(sums.LPA[:b] / nc + sums.LPA[b:] / nr).detach()
+    loss = None
+    for name, weight in terms:
+        losses = LOSS_FUNCTIONS[name](pair)
+        if pair_weight is not None:
+            losses = losses * pair_weight
+        term = weight * losses.mean()
+        loss = term if loss is None else loss + term
     rc, rr = beta * vc.detach(), beta * vr.detach()
     metrics = {
         "rewards/chosen": rc.mean(),
@@ -213,7 +243,9 @@ def pair_objective(sums: SequenceSums, *, beta=0.1, alpha=0.5, kl=None, loss_typ
     if kl is not None:
         metrics["kl/chosen"] = kc.detach().mean()
         metrics["kl/rejected"] = kr.detach().mean()
-    return losses.mean(), metrics
+    if pair_weight is not None:
+        metrics["weights/wpo_pair_mean"] = pair_weight.mean()
+    return loss, metrics
 
 
 def token_weights_from_contrastive(pos_logps, neg_logps, is_chosen, name="origin", kwargs=None):
@@ -226,8 +258,8 @@ def token_weights_from_contrastive(pos_logps, neg_logps, is_chosen, name="origin
 def reference_tis_dpo_loss(
     hidden, weight, labels, *, bias=None, ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
     token_weights=None, contrastive_logps=None, weight_transform="origin", transform_kwargs=None,
-    beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0, ignore_index=-100,
-    cu_seqlens=None,
+    beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0, loss_weights=None, discopop_tau=0.05,
+    ld_alpha=None, use_weighting=False, ignore_index=-100, cu_seqlens=None,
 ):
     """The TIS-DPO family loss on materialised logits; same arguments and outputs as
     ``tisdpo_kernels.fused_tis_dpo_loss`` (no input validation: pass valid inputs)."""
@@ -258,15 +290,20 @@ def reference_tis_dpo_loss(
         mode = "tis" if kl == "tisdpo" else "tdpo"
         token_kl = reference_token_kl(h[mask], weight, rh[mask], ref_weight.detach(), bias=bias,
                                       ref_bias=None if ref_bias is None else ref_bias.detach(), mode=mode)
-    sums = sequence_sums(lp_all[mask], lpref_all[mask], w_all[mask], layout.seq_ids[mask], layout.num_seqs,
-                         token_kl=token_kl, kl=kl)
-    return pair_objective(sums, beta=beta, alpha=alpha, kl=kl, loss_type=loss_type,
-                          label_smoothing=label_smoothing)
+    seq_ids, w = layout.seq_ids[mask], w_all[mask]
+    if ld_alpha is not None:
+        w = w * ld_token_weights(seq_ids, layout.num_seqs, ld_alpha).to(cd)
+    collision = reference_log_collision(h[mask], weight, bias=bias) if use_weighting else None
+    sums = sequence_sums(lp_all[mask], lpref_all[mask], w, seq_ids, layout.num_seqs, token_kl=token_kl, kl=kl,
+                         log_collision=collision)
+    return pair_objective(sums, beta=beta, alpha=alpha, kl=kl, loss_type=loss_type, label_smoothing=label_smoothing,
+                          loss_weights=loss_weights, discopop_tau=discopop_tau, use_weighting=use_weighting)
 
 
 __all__ = [
     "ELEMENTWISE_TRANSFORMS", "KL_MODES", "LOSS_TYPES", "SequenceLayout", "SequenceSums",
-    "apply_weight_transform", "pair_objective", "reference_linear_logprobs", "reference_tis_dpo_loss",
+    "apply_weight_transform", "pair_objective", "reference_linear_logprobs", "reference_log_collision",
+    "reference_tis_dpo_loss",
     "reference_token_kl", "sequence_layout", "sequence_sums", "token_weights_from_contrastive",
     "transform_params",
 ]

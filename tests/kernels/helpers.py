@@ -1,4 +1,4 @@
-"""Shared checks of the kernel tests: errors measured against a float64 truth, relative to torch's own."""
+"""Shared inputs of the kernel tests; the tolerance checks live in ``tests/tolerance.py``."""
 
 from __future__ import annotations
 
@@ -6,23 +6,9 @@ import torch
 
 from tisdpo_kernels.ops._config import LinearConfig, TileConfig
 
+from ..tolerance import assert_close_to_truth
 
-def rel_err(value: torch.Tensor, truth: torch.Tensor) -> float:
-    """``max |value - truth| / max |truth|`` in float64 (0 for an all-zero truth matched exactly)."""
-    value, truth = value.detach().double(), truth.detach().double()
-    scale = truth.abs().max().clamp(min=1e-30)
-    return ((value - truth).abs().max() / scale).item()
-
-
-def assert_close_to_truth(name: str, ours: torch.Tensor, torch_same_dtype: torch.Tensor, truth: torch.Tensor,
-                          factor: float = 2.0, floor: float = 1e-6):
-    """Our error against the float64 ``truth`` must stay within ``factor`` times torch's error at the
-    same input dtype (``torch_same_dtype``) plus ``floor`` (for cases where torch happens to be exact)."""
-    assert ours.shape == truth.shape, (name, ours.shape, truth.shape)
-    ours_err, torch_err = rel_err(ours, truth), rel_err(torch_same_dtype, truth)
-    print(f"{name}: ours {ours_err:.2e}  torch {torch_err:.2e}")
-    limit = factor * torch_err + floor
-    assert ours_err <= limit, f"{name}: ours {ours_err:.3e} > {factor} x torch {torch_err:.3e} + {floor}"
+__all__ = ["SMALL_TILES", "assert_close_to_truth", "make_head", "upstream_grad"]
 
 
 def upstream_grad(n: int, device, generator=None) -> torch.Tensor:

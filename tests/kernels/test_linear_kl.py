@@ -54,12 +54,13 @@ def check_kl_against_reference(mode, hidden, weight, b, labels, ref_hidden, ref_
     as64 = [None if t is None else t.detach().double().requires_grad_(t.requires_grad)
             for t in (hidden, weight, b, ref_hidden, ref_weight, rb)]
     truth, truth_grads = run(_reference, as64, cast=torch.float64)
+    reduction = n + sum(weight.shape) + ref_weight.shape[1]  # rows + vocab + both dims: the sums behind each value
     for name, o, s, t in zip(("logps", "ref_logps", "kl"), ours, same, truth, strict=True):
-        assert_close_to_truth(name, o, s, t, factor=factor)
+        assert_close_to_truth(name, o, s, t, reduction=reduction, factor=factor)
     names = ("d_hidden", "d_weight", "d_bias")[: len(leaves)]
     for name, o, s, t, leaf in zip(names, ours_grads, same_grads, truth_grads, leaves, strict=True):
         assert o.dtype == leaf.dtype
-        assert_close_to_truth(name, o, s, t, factor=factor)
+        assert_close_to_truth(name, o, s, t, reduction=reduction, factor=factor)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

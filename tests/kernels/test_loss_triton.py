@@ -17,6 +17,7 @@ from tisdpo_kernels.reference import reference_linear_logprobs, reference_tis_dp
 
 from ..batches import make_batch
 from ..test_loss import KLS, WEIGHTS, _inputs, _run
+from ..test_objectives import TRL_LOSS_TYPES, fused_and_trl
 from .helpers import assert_close_to_truth
 
 SHAPE = dict(pairs=3, seq_len=23, dim=40, vocab=211, scale=0.5)
@@ -36,7 +37,7 @@ def _as64(kw):
             for k, v in kw.items()}
 
 
-def _check(kw, opts, floor=2e-6, backend="triton"):
+def _check(kw, opts, backend="triton"):
     ours = _run(fused_tis_dpo_loss, kw, backend=backend, **opts)
     same = _run(reference_tis_dpo_loss, kw, **opts)
     truth = _run(reference_tis_dpo_loss, _as64(kw), **opts)
@@ -44,8 +45,11 @@ def _check(kw, opts, floor=2e-6, backend="triton"):
     named = [("loss", ours[0], same[0], truth[0])]
     named += [(k, ours[1][k], same[1][k], truth[1][k]) for k in truth[1]]
     named += [(f"grad{i}", o, s, t) for i, (o, s, t) in enumerate(zip(ours[2], same[2], truth[2], strict=True))]
+    # every token of the batch + vocab + both dims: the sums behind the loss and its gradients
+    ref_dim = kw["ref_hidden"].shape[-1] if "ref_hidden" in kw else 0
+    reduction = kw["labels"].numel() + sum(kw["weight"].shape) + ref_dim
     for name, o, s, t in named:
-        assert_close_to_truth(name, o, s, t, factor=2.0, floor=floor)
+        assert_close_to_truth(name, o, s, t, reduction=reduction, factor=2.0)
 
 
 @pytest.mark.parametrize("kl,weights,layout", list(itertools.product(KLS, WEIGHTS, ["padded", "packed"])))
@@ -94,11 +98,32 @@ def test_triton_in_kernel_weight_transforms(transform, device):
     _check(_inputs(b, None, "contrastive", "padded", ref="logps", transform=transform), dict(beta=0.2))
 
 
-@pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.1), ("ipo", 0.0), ("hinge", 0.0)])
+@pytest.mark.parametrize("loss_type,label_smoothing", [("cdpo", 0.1), ("ipo", 0.0), ("hinge", 0.0)])
 def test_triton_loss_types(loss_type, label_smoothing, device):
     b = _batch(torch.float32, device)
     _check(_inputs(b, None, "token", "packed", ref="logps"),
            dict(loss_type=loss_type, label_smoothing=label_smoothing, beta=0.5))
+
+
+@pytest.mark.parametrize("ld_alpha", [None, 0.3])
+def test_triton_every_trl_loss_type_equals_trl(ld_alpha, device):
+    """All of TRL's loss types in one weighted combination (each weight distinct, so a wrong term shows), with
+    and without LD-DPO: the float32 Triton path within 2x TRL's own float32 error of TRL's float64 loss and
+    gradients (``tests/test_objectives.py`` holds the transcription of TRL 1.16)."""
+    weights = [0.1 * (k + 1) for k in range(len(TRL_LOSS_TYPES))]
+    (ours, g_ours), (same, g_same), (truth, g_truth) = fused_and_trl(
+        TRL_LOSS_TYPES, weights, backend="triton", dtype=torch.float32, ld_alpha=ld_alpha, device=device,
+        pairs=3, seq_len=23, dim=40, vocab=211)
+    reduction = 2 * 3 * 23 + 211 + 40  # every token of the batch + vocab + dim, as in _check
+    assert_close_to_truth("loss", ours, same, truth, reduction=reduction)
+    for name, o, s, t in zip(("hidden", "weight", "bias"), g_ours, g_same, g_truth, strict=True):
+        assert_close_to_truth(name, o, s, t, reduction=reduction)
+
+
+def test_triton_refuses_wpo_naming_the_option(device):
+    b = _batch(torch.float32, device)
+    with pytest.raises(ValueError, match="use_weighting.*backend='torch'"):
+        fused_tis_dpo_loss(**_inputs(b, None, "none", "padded", ref="logps"), backend="triton", use_weighting=True)
 
 
 def test_triton_and_torch_backends_agree_on_half_precision(device):

@@ -23,7 +23,7 @@ def test_defaults(tmp_path):
     config = _config(tmp_path)
     # `gradient_checkpointing` is the field before transformers 5 and mirrors `activation_checkpointing` after
     assert config.gradient_checkpointing is True
-    assert (config.beta, config.alpha, config.loss_type, config.kl) == (0.1, 0.5, "sigmoid", None)
+    assert (config.beta, config.alpha, config.loss_type, config.kl) == (0.1, 0.5, ["sigmoid"], None)
     assert config.weight_transform == "origin" and config.padding_free is None
     assert config.resolved_model_init_kwargs() == {"dtype": torch.float32}  # CPU run
     assert _config(tmp_path, **no_checkpointing()).gradient_checkpointing is False
@@ -46,18 +46,54 @@ def test_dtype_resolution_and_json_kwargs(tmp_path):
         (dict(kl="forward"), "kl"),
         (dict(kl="tisdpo", loss_type="sft"), "sft"),
         (dict(kl="tdpo1", precompute_ref_log_probs=True), "precompute_ref_log_probs"),
-        (dict(weight_transform="rank_based"), "weight_transform"),
+        (dict(weight_transform="rank"), "weight_transform"),
+        (dict(weight_transform="binary", weight_transform_kwargs={"top_fraction": 2.0}), "top_fraction"),
         (dict(weight_transform="exp_clamp", weight_transform_kwargs={"sigma": 1.0}), "transform_kwargs"),
         (dict(truncation_mode="middle"), "truncation_mode"),
         (dict(loss_backend="cuda"), "loss_backend"),
         (dict(beta=0.0), "beta"),
         (dict(label_smoothing=0.5), "label_smoothing"),
+        (dict(loss_type=["sigmoid", "kto"]), "loss_type"),
+        (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "loss_weights"),
+        (dict(loss_type="exo_pair"), "label_smoothing"),
+        (dict(loss_type="discopop", discopop_tau=-1.0), "discopop_tau"),
+        (dict(ld_alpha=2.0), "ld_alpha"),
+        (dict(loss_type="sft", use_weighting=True), "use_weighting"),
+        (dict(loss_type="aot", use_weighting=True), "use_weighting"),
+        (dict(loss_type=["sigmoid", "sft"], rpo_alpha=1.0), "rpo_alpha"),
         (dict(max_length=1), "max_length"),
     ],
 )
 def test_validation(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         _config(tmp_path, **kwargs)
+
+
+def test_loss_fields_mean_what_they_mean_in_trl(tmp_path):
+    """TRL 1.16 DPOConfig semantics: a str loss_type becomes a list; label_smoothing does nothing to 'sigmoid' (a
+    warning says so, naming 'cdpo', our old meaning); the deprecated rpo_alpha is an 'sft' term of that weight."""
+    config = _config(tmp_path, loss_type="ipo", loss_weights=[0.5], ld_alpha=0.3, use_weighting=True,
+                     discopop_tau=0.2)
+    assert config.loss_type == ["ipo"] and not config.sft_only
+    assert config.pair_loss_kwargs() == dict(loss_type=["ipo"], loss_weights=[0.5], label_smoothing=0.0,
+                                             discopop_tau=0.2, ld_alpha=0.3, use_weighting=True)
+    with pytest.warns(UserWarning, match="cdpo"):
+        config = _config(tmp_path, label_smoothing=0.1)
+    assert config.pair_loss_kwargs()["label_smoothing"] == 0.0
+    assert _config(tmp_path, loss_type="cdpo", label_smoothing=0.1).pair_loss_kwargs()["label_smoothing"] == 0.1
+    with pytest.warns(FutureWarning, match="rpo_alpha"):
+        config = _config(tmp_path, loss_type="robust", label_smoothing=0.2, rpo_alpha=0.5)
+    kwargs = config.pair_loss_kwargs()
+    assert (kwargs["loss_type"], kwargs["loss_weights"], kwargs["label_smoothing"]) == (["robust", "sft"],
+                                                                                        [1.0, 0.5], 0.2)
+    assert _config(tmp_path, loss_type=["sft"]).sft_only and _config(tmp_path, loss_type=["sft", "sft"]).sft_only
+
+
+def test_cli_loss_type_list_and_weights():
+    argv = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", "o", "--use_cpu", "true",
+            "--loss_type", "sigmoid", "sft", "--loss_weights", "1", "0.5", "--ld_alpha", "0.5"]
+    _, config = cli.parse_train_args(argv)
+    assert config.loss_type == ["sigmoid", "sft"] and config.loss_weights == [1.0, 0.5] and config.ld_alpha == 0.5
 
 
 def test_trainer_rejects_plain_training_arguments(tmp_path, tok):

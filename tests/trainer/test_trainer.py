@@ -45,6 +45,9 @@ ORACLE_CASES = {
                                     padding_free=True),
     "tdpo2-packed": dict(kl="tdpo2", padding_free=True),
     "tisdpo-kl-ipo": dict(kl="tisdpo", loss_type="ipo", alpha=0.3),
+    "mpo-ld-wpo-packed": dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], ld_alpha=0.5,
+                              use_weighting=True, weight_transform="threshold", padding_free=True),
+    "rpo-alpha-robust": dict(loss_type="robust", label_smoothing=0.2, rpo_alpha=0.5),
 }
 
 
@@ -73,8 +76,7 @@ def test_step_matches_reference_loss(tok, quick_args, case):
         _decoder_hidden(policy, batch), policy.lm_head.weight, batch["labels"],
         token_weights=apply_weight_transform(batch["token_weights"].double(), args.weight_transform,
                                              **(args.weight_transform_kwargs or {})),
-        beta=0.3, alpha=args.alpha, kl=args.kl, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
-        **tensors,
+        beta=0.3, alpha=args.alpha, kl=args.kl, **args.pair_loss_kwargs(), **tensors,
     )
     want_loss.backward()
     want = _grads(policy)
@@ -88,10 +90,12 @@ def test_step_matches_reference_loss(tok, quick_args, case):
 
 
 def test_sft_reverse_matches_reference(tok, quick_args):
-    """loss_type='sft' with reverse_preferences=True is the summed NLL of the (original) rejected responses."""
+    """loss_type='sft' with reverse_preferences=True is the NLL of the (original) rejected responses averaged over
+    their tokens (TRL's 'sft'), times its weight."""
     policy = tiny_llama(len(tok), seed=0).double()
     records = synthetic_pairs(4)
-    args = TISDPOConfig(**quick_args, loss_type="sft", reverse_preferences=True, padding_free=True)
+    args = TISDPOConfig(**quick_args, loss_type=["sft"], loss_weights=[2.0], reverse_preferences=True,
+                        padding_free=True)
     trainer = TISDPOTrainer(policy, args=args, train_dataset=dataset_of(records), processing_class=tok)
     assert trainer.ref_model is None
     feats = [trainer.train_dataset[i] for i in range(4)]
@@ -105,10 +109,12 @@ def test_sft_reverse_matches_reference(tok, quick_args):
     chosen = {k: v[:4] for k, v in batch.items() if k != "cu_seqlens"}
     logits = policy(input_ids=chosen["input_ids"], attention_mask=chosen["attention_mask"]).logits
     logps = torch.log_softmax(logits, -1).gather(-1, chosen["labels"].clamp(min=0)[..., None])[..., 0]
-    want_loss = -(logps * (chosen["labels"] != -100)).sum(1).mean()
+    mask = chosen["labels"] != -100
+    want_loss = -2.0 * (logps * mask).sum() / mask.sum()
     want_loss.backward()
     torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(metrics["logps/chosen"], -want_loss.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(metrics["logps/chosen"], (logps * mask).sum(1).mean().detach(), rtol=1e-10,
+                               atol=1e-12)
     for name, grad in _grads(policy).items():
         torch.testing.assert_close(got[name], grad, rtol=1e-8, atol=1e-12, msg=name)
 

@@ -1,5 +1,7 @@
 """tisdpo.contrastive: the S / D recipes as trainer configurations, training the pair, the command."""
 
+import logging
+
 import pytest
 import torch
 
@@ -22,11 +24,14 @@ def test_configs_of_each_method(tmp_path):
     args = _args(tmp_path, beta=0.3, kl="tdpo1")
     plus, minus = contrastive_configs(args, "S")
     assert (plus.loss_type, plus.reverse_preferences, minus.loss_type, minus.reverse_preferences) == (
-        "sft", False, "sft", True)
+        ["sft"], False, ["sft"], True)
     assert plus.kl is None and plus.output_dir.endswith("run/plus") and minus.output_dir.endswith("run/minus")
     plus, minus = contrastive_configs(args, "D")
-    assert (plus.loss_type, minus.loss_type, minus.reverse_preferences) == ("sigmoid", "sigmoid", True)
+    assert (plus.loss_type, minus.loss_type, minus.reverse_preferences) == (["sigmoid"], ["sigmoid"], True)
     assert plus.beta == 0.3 and plus.kl == "tdpo1" and plus.max_steps == 12
+    mpo = _args(tmp_path, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], use_weighting=True)
+    plus, _ = contrastive_configs(mpo, "S")
+    assert (plus.loss_type, plus.loss_weights, plus.use_weighting) == (["sft"], None, False)
     with pytest.raises(ValueError, match="method P needs no training"):
         contrastive_configs(args, "P")
     with pytest.raises(TypeError, match="TISDPOConfig"):
@@ -60,9 +65,11 @@ def test_method_s_trains_a_chosen_and_a_rejected_model(tmp_path):
         train_contrastive_models(start, data, "S", _args(tmp_path), processing_class=tokenizer, ref_model=start)
 
 
-def test_command_line(tmp_path):
-    """`tisdpo contrastive --method D` with trainer flags: two short DPO runs, saved side by side."""
+def test_command_line(tmp_path, caplog):
+    """`tisdpo contrastive --method D` with trainer flags: two short DPO runs, saved side by side, each announced."""
     from tisdpo.cli import main
+
+    caplog.set_level(logging.INFO, logger="tisdpo.contrastive")
 
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, hidden_size=32, num_layers=1, seed=0)
@@ -74,8 +81,10 @@ def test_command_line(tmp_path):
                    "--max_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "none",
                    "--save_strategy", "no", "--use_cpu", "true", "--max_prompt_length", "64"])
     assert status == 0
-    for side in ("plus", "minus"):
+    for k, side in enumerate(("plus", "minus"), start=1):
         assert (tmp_path / "pair" / side / "model.safetensors").exists()
+        assert (f"Method D, training {k} of 2: pi_{side} (loss_type=sigmoid, reverse_preferences={side == 'minus'}) "
+                f"-> {tmp_path / 'pair' / side}") in caplog.text
     # the saved pair (with its tokenizer) feeds `tisdpo estimate-weights` directly
     assert main(["estimate-weights", "--method", "D", "--plus-model", str(tmp_path / "pair" / "plus"),
                  "--minus-model", str(tmp_path / "pair" / "minus"), "--dataset", str(tmp_path / "pairs.jsonl"),

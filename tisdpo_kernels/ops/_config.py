@@ -12,6 +12,7 @@ Tested through ``tests/kernels/test_linear_logprobs.py`` and ``tests/kernels/tes
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 
@@ -53,8 +54,34 @@ class LinearConfig:
 
 
 def interpreting() -> bool:
-    """True when Triton kernels run on CPU tensors through the interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton kernels run on CPU tensors through the interpreter (``TRITON_INTERPRET=1``);
+    raises if the installed Triton's interpreter cannot run next to the installed NumPy."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    import numpy
+    import triton
+
+    check_interpreter_versions(triton.__version__, numpy.__version__)
+    return True
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+@functools.cache
+def check_interpreter_versions(triton_version: str, numpy_version: str) -> None:
+    """Triton's interpreter before 3.7 turns every scalar (a one-element array there) into a Python int with
+    ``int(array)``, which NumPy 2.4 refuses for arrays with a dimension: every loop over a runtime bound
+    (``range(lo, hi, BLOCK)``) then fails with "only 0-dimensional arrays can be converted to Python
+    scalars". Triton 3.7 fixed it (``int(array.squeeze())``). Raise a clear error instead of that one."""
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        raise RuntimeError(
+            f"the Triton interpreter (TRITON_INTERPRET=1) of triton {triton_version} cannot run with numpy "
+            f"{numpy_version}: Triton before 3.7 needs numpy<2.4 there. Install 'numpy<2.4' or 'triton>=3.7' "
+            "(compiled GPU kernels are not affected)"
+        )
 
 
 # Interpreter: one large tile per op keeps the Python overhead down; shapes in tests are small.

@@ -1,0 +1,203 @@
+"""The per-pair loss types of the DPO family, named and defined as in TRL's ``DPOTrainer`` (TRL 1.x).
+
+Every loss type is a function of per-pair quantities that come from per-sequence sums (``PairTerms``), so one
+formula per loss type serves every path: ``reference.pair_objective`` calls ``LOSS_FUNCTIONS`` and the fused
+loss (chunked PyTorch and Triton backends alike) calls ``reference.pair_objective`` on its own sums.
+
+Notation (per pair, chosen c / rejected r): ``s`` is the per-sequence score, ``s = M = sum_t w_t (lp_t - lpref_t)``
+without a KL variant (TRL's ``chosen_logratios``; with unit weights the summed log-ratio), the KL-adjusted score
+with one (``reference.pair_objective``); ``h = s_c - s_r`` (TRL's ``delta_score``); ``n`` the number of response
+tokens; ``beta``; ``eps`` = ``label_smoothing``; ``tau`` = ``discopop_tau``; ``ls = logsigmoid``, ``sg = sigmoid``.
+
+- ``sigmoid`` (DPO): ``-ls(beta h)``. ``label_smoothing`` is not used (as in TRL).
+- ``cdpo`` (conservative DPO, ours; TRL < 1.0 called it ``sigmoid`` with ``label_smoothing``):
+  ``-(1 - eps) ls(beta h) - eps ls(-beta h)``.
+- ``hinge`` (SLiC): ``relu(1 - beta h)``.
+- ``ipo``: ``(s_c / n_c - s_r / n_r - 1 / (2 beta))^2``: length-normalised as in TRL.
+- ``exo_pair``: ``sg(beta h) (ls(beta h) - log(1 - eps)) + sg(-beta h) (ls(-beta h) - log eps)``; needs
+  ``eps > 0`` (TRL returns inf for ``eps = 0``; the EXO paper uses 1e-3).
+- ``nca_pair``: ``-ls(beta s_c) - ls(-beta s_c) / 2 - ls(-beta s_r) / 2``.
+- ``robust``: ``(-(1 - eps) ls(beta h) + eps ls(-beta h)) / (1 - 2 eps)``.
+- ``bco_pair``: ``-ls(beta s_c) - ls(-beta s_r)``. Stateless, as in TRL 1.x; the BCO paper and TRL < 1.0
+  subtract a running mean of the rewards from both ``beta s``, which this package does not keep.
+- ``sppo_hard``: ``(s_c - 1 / (2 beta))^2 + (s_r + 1 / (2 beta))^2``.
+- ``aot``: ``d = sort(P_c - P_r) - sort(R_c - R_r)`` over the batch (``P`` the policy's weighted log-prob sum
+  ``LPW``, ``R = LPW - M`` the reference's), then ``-(1 - eps) ls(beta d) - eps ls(-beta d)``. No KL variant.
+- ``aot_unpaired``: ``d = sort(s_c) - sort(s_r)``, then as ``aot``.
+- ``apo_zero``: ``1 - sg(beta s_c) + sg(beta s_r)``. ``apo_down``: ``sg(beta s_c) + 1 - sg(beta h)``.
+- ``discopop``: ``l = beta h``, ``m = sg(l / tau)``: ``-ls(l) (1 - m) + exp(-l) m``.
+- ``sigmoid_norm``: ``-ls(beta (s_c / n_c - s_r / n_r))`` (TRL >= 1.7).
+- ``sft``: the chosen responses' negative log-likelihood averaged over all their tokens in the batch,
+  ``-sum_c LP_c / sum_c n_c`` (unweighted log-probs, no reference), the same for every pair.
+
+What the length-normalised types (``ipo``, ``sigmoid_norm``) normalise: the weighted score ``s`` is divided by
+the token count ``n``, not by the sum of the weights, so with TIS-DPO weights they use the per-token mean of
+``w_t m_t``, and with ``ld_alpha`` (whose down-weighted tail tokens still count in ``n``) they equal TRL's.
+
+Several types combine as ``sum_k loss_weights[k] * mean_pairs(loss_k)`` (TRL's ``loss_type`` list with
+``loss_weights``; e.g. ``["sigmoid", "sft"]`` with ``[1, 1]`` is RPO, ``["sigmoid", "bco_pair", "sft"]`` with
+``[0.8, 0.2, 1]`` MPO).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PairTerms:
+    """Per-pair inputs of the loss types, each ``[B]`` unless stated (see the module docstring's notation)."""
+
+    chosen: torch.Tensor  # s_c
+    rejected: torch.Tensor  # s_r
+    chosen_count: torch.Tensor  # n_c
+    rejected_count: torch.Tensor  # n_r
+    chosen_policy: torch.Tensor  # P_c = LPW_c
+    rejected_policy: torch.Tensor
+    chosen_ref: torch.Tensor  # R_c = LPW_c - M_c
+    rejected_ref: torch.Tensor
+    chosen_nll: torch.Tensor  # scalar: -sum LP_c / sum n_c
+    beta: float
+    label_smoothing: float
+    discopop_tau: float
+
+    @property
+    def margin(self) -> torch.Tensor:
+        return self.chosen - self.rejected
+
+    @property
+    def normalised_margin(self) -> torch.Tensor:
+        return self.chosen / self.chosen_count - self.rejected / self.rejected_count
+
+
+def _smoothed_sigmoid(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
+
+
+def _exo_pair(p: PairTerms) -> torch.Tensor:
+    x, eps = p.beta * p.margin, p.label_smoothing
+    return torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps)) + torch.sigmoid(-x) * (F.logsigmoid(-x) -
+                                                                                           math.log(eps))
+
+
+def _aot(p: PairTerms) -> torch.Tensor:
+    policy = torch.sort(p.chosen_policy - p.rejected_policy).values
+    ref = torch.sort(p.chosen_ref - p.rejected_ref).values
+    return _smoothed_sigmoid(p.beta * (policy - ref), p.label_smoothing)
+
+
+def _aot_unpaired(p: PairTerms) -> torch.Tensor:
+    d = torch.sort(p.chosen).values - torch.sort(p.rejected).values
+    return _smoothed_sigmoid(p.beta * d, p.label_smoothing)
+
+
+def _discopop(p: PairTerms) -> torch.Tensor:
+    x = p.beta * p.margin
+    m = torch.sigmoid(x / p.discopop_tau)
+    return -F.logsigmoid(x) * (1 - m) + torch.exp(-x) * m
+
+
+LOSS_FUNCTIONS: dict[str, Callable[[PairTerms], torch.Tensor]] = {
+    "sigmoid": lambda p: -F.logsigmoid(p.beta * p.margin),
+    "cdpo": lambda p: _smoothed_sigmoid(p.beta * p.margin, p.label_smoothing),
+    "hinge": lambda p: torch.relu(1 - p.beta * p.margin),
+    "ipo": lambda p: (p.normalised_margin - 1 / (2 * p.beta)) ** 2,
+    "exo_pair": _exo_pair,
+    "nca_pair": lambda p: (-F.logsigmoid(p.beta * p.chosen) - 0.5 * F.logsigmoid(-p.beta * p.chosen)
+                           - 0.5 * F.logsigmoid(-p.beta * p.rejected)),
+    "robust": lambda p: (-(1 - p.label_smoothing) * F.logsigmoid(p.beta * p.margin)
+                         + p.label_smoothing * F.logsigmoid(-p.beta * p.margin)) / (1 - 2 * p.label_smoothing),
+    "bco_pair": lambda p: -F.logsigmoid(p.beta * p.chosen) - F.logsigmoid(-p.beta * p.rejected),
+    "sppo_hard": lambda p: (p.chosen - 0.5 / p.beta) ** 2 + (p.rejected + 0.5 / p.beta) ** 2,
+    "aot": _aot,
+    "aot_unpaired": _aot_unpaired,
+    "apo_zero": lambda p: 1 - torch.sigmoid(p.beta * p.chosen) + torch.sigmoid(p.beta * p.rejected),
+    "apo_down": lambda p: torch.sigmoid(p.beta * p.chosen) + 1 - torch.sigmoid(p.beta * p.margin),
+    "discopop": _discopop,
+    "sigmoid_norm": lambda p: -F.logsigmoid(p.beta * p.normalised_margin),
+    "sft": lambda p: p.chosen_nll.expand(p.chosen.shape),
+}
+LOSS_TYPES = tuple(LOSS_FUNCTIONS)
+# loss types that read `label_smoothing` (any other loss type with label_smoothing > 0 is refused)
+SMOOTHED_LOSS_TYPES = ("cdpo", "robust", "exo_pair", "aot", "aot_unpaired")
+# loss types that need the policy and reference sums apart, which the KL variants do not define
+NO_KL_LOSS_TYPES = ("aot",)
+# loss types that sort the pairs, so per-pair WPO weights would not line up (TRL refuses the same)
+SORTED_LOSS_TYPES = ("aot", "aot_unpaired")
+
+
+def loss_terms(loss_type: str | Sequence[str], loss_weights: Sequence[float] | None = None, *,
+               label_smoothing: float = 0.0, discopop_tau: float = 0.05, kl: str | None = None,
+               use_weighting: bool = False) -> tuple[tuple[str, float], ...]:
+    """Validated ``((name, weight), ...)`` of a ``loss_type`` (a name or a list of names, TRL's forms) and its
+    ``loss_weights`` (None: 1 each). Raises ``ValueError`` naming the offending argument."""
+    names = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    if not names:
+        raise ValueError("loss_type must name at least one loss type")
+    unknown = [n for n in names if n not in LOSS_FUNCTIONS]
+    if unknown:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES} (or a list of them), got {unknown}")
+    if loss_weights is None:
+        weights = (1.0,) * len(names)
+    else:
+        weights = tuple(loss_weights)
+        if len(weights) != len(names):
+            raise ValueError(f"loss_weights must have one weight per loss type: {len(weights)} weights for "
+                             f"loss_type={list(names)}")
+        for w in weights:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise ValueError(f"loss_weights must be finite numbers, got {list(weights)}")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing!r}")
+    smoothed = [n for n in names if n in SMOOTHED_LOSS_TYPES]
+    if label_smoothing and not smoothed:
+        raise ValueError(
+            f"label_smoothing={label_smoothing} is not used by loss_type={list(names)}; it is read by "
+            f"{SMOOTHED_LOSS_TYPES} only (TRL ignores it for 'sigmoid'). Conservative DPO (label smoothing on the "
+            "sigmoid loss) is loss_type='cdpo'"
+        )
+    if "exo_pair" in names and not label_smoothing > 0:
+        raise ValueError("loss_type='exo_pair' needs label_smoothing > 0 (its epsilon; the EXO paper uses 1e-3): "
+                         "with 0 its loss is infinite")
+    if not isinstance(discopop_tau, (int, float)) or not math.isfinite(discopop_tau) or discopop_tau <= 0:
+        raise ValueError(f"discopop_tau must be a positive finite number, got {discopop_tau!r}")
+    if kl is not None and any(n in NO_KL_LOSS_TYPES for n in names):
+        raise ValueError(f"loss_type {NO_KL_LOSS_TYPES} compares policy and reference sums separately and has no "
+                         f"KL variant; got kl={kl!r}")
+    if use_weighting and any(n in SORTED_LOSS_TYPES for n in names):
+        raise ValueError(f"use_weighting=True (WPO) cannot weight {SORTED_LOSS_TYPES}: they sort the pairs, so "
+                         "per-pair weights would not line up (as in TRL)")
+    return tuple(zip(names, (float(w) for w in weights), strict=True))
+
+
+def check_ld_alpha(ld_alpha: float | None) -> None:
+    """``ld_alpha`` must be None or lie in [0, 1] (TRL's range)."""
+    if ld_alpha is None:
+        return
+    if isinstance(ld_alpha, bool) or not isinstance(ld_alpha, (int, float)) or not 0.0 <= ld_alpha <= 1.0:
+        raise ValueError(f"ld_alpha must be None or lie in [0, 1], got {ld_alpha!r}")
+
+
+def ld_token_weights(seq_ids: torch.Tensor, num_seqs: int, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO (Liu et al. 2024, arXiv 2409.06411) as token weights: ``[n]`` float64, 1 on the first
+    ``min(n_c, n_r)`` response tokens of each sequence of a pair and ``ld_alpha`` on the rest (the "verbose" tail
+    of the longer response). Multiplied into the token weights, it gives TRL's ``ld_alpha`` sums
+    ``shared + ld_alpha * tail`` for the policy and the reference alike, and composes with TIS-DPO weights by
+    product. ``seq_ids [n]`` int64 must be sorted (each sequence's tokens contiguous, in order); sequence ``s``
+    pairs with ``s + num_seqs / 2``."""
+    counts = torch.bincount(seq_ids, minlength=num_seqs)
+    starts = counts.cumsum(0) - counts
+    position = torch.arange(seq_ids.numel(), device=seq_ids.device) - starts[seq_ids]
+    pairs = num_seqs // 2
+    shared = torch.minimum(counts[:pairs], counts[pairs:]).repeat(2)
+    one = torch.ones((), dtype=torch.float64, device=seq_ids.device)
+    return torch.where(position < shared[seq_ids], one, one * ld_alpha)
+
+
+__all__ = ["LOSS_FUNCTIONS", "LOSS_TYPES", "NO_KL_LOSS_TYPES", "PairTerms", "SMOOTHED_LOSS_TYPES", "SORTED_LOSS_TYPES",
+           "check_ld_alpha", "ld_token_weights", "loss_terms"]
