@@ -10,6 +10,11 @@ it saves only the per-row log-sum-exp. The backward recomputes each logit tile f
 The kernels here also serve ``linear_kl.py``: ``KL_MODE`` (0 none, 1 ``KL(p_theta || p_ref)``,
 2 ``KL(p_ref || p_theta)``) adds the reference model's tiles and the KL accumulator / gradient.
 
+Since issue 12 these all-Triton kernels are ``backend="triton"``: ``backend="auto"`` picks them on CUDA
+only below D=512 (``_config.AUTO_BACKENDS``; their fp32 atomics cost ~3x the backward GEMM time at any D,
+by the review's byte count) and whenever gradient filtering is asked for; ``linear_split.py`` is the
+default elsewhere. fp32 inputs use tf32 ``tl.dot`` unless ``fp32_precision="ieee"``.
+
 Limits: fp32, fp16 and bf16 inputs (float64 raises ``TypeError``: use the torch path); accumulation
 in fp32; gradients returned in the input dtype, accumulated in fp32 buffers ``[n, D]`` and ``[V, D]``
 (for bf16 inputs these are extra memory: 2 GiB for a Llama-3-8B head). Offsets are formed in 64-bit
