@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -246,7 +247,11 @@ def _out_dtype_supported(device: torch.device) -> bool:
         out = torch.zeros(16, 16, dtype=torch.float32, device=device)
         torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
         torch.mm(a, a, out_dtype=torch.float32)
-    except (RuntimeError, TypeError, NotImplementedError):
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        if device.type == "cuda":
+            warnings.warn(f"backend='split': torch {torch.__version__} has no torch.mm/addmm(out_dtype=float32) on "
+                          f"{device} ({exc}); half-precision GEMMs fall back to fp32 copies of each split's operands "
+                          "(correct, slower, and beyond the scratch cap by one [S, D] fp32 copy)", stacklevel=3)
         return False
     return device.type == "meta" or bool((out == 16).all())
 
