@@ -436,7 +436,8 @@ def split_backward(hidden, weight, bias, labels, lse, grad_logps, params: SplitP
     has_grad_kl = params.kl_mode != 0 and grad_kl is not None
     active = n > 0 and (grad_logps is not None or has_grad_kl)
     d_hidden = _alloc((n, d), torch.float32, dev).zero_() if need_h else None
-    d_weight = torch.empty_like(weight) if need_w else None  # an output: every row written once below
+    # outputs, contiguous whatever the inputs' strides: every row of dW is written once below
+    d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=dev) if need_w else None
     d_bias = torch.empty_like(bias) if need_b else None
     if not active:
         if d_weight is not None:
