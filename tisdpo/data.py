@@ -156,8 +156,9 @@ def tokenize_row(
 
     Plain text gets the tokenizer's BOS token in front of the prompt and its EOS token after each response
     (when the tokenizer defines them and the text does not already have them); chat-template text is tokenised
-    as rendered. Weight columns, when present, must hold one float per response token of this tokenisation and
-    are truncated together with the tokens.
+    as rendered. Weight columns, when present, must hold one float per response token of this tokenisation, either
+    of the whole response (they are truncated together with the tokens) or of the part the truncation keeps (as
+    `tisdpo estimate-weights` writes them under the same truncation options).
 
     Returns `{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"[, "chosen_weights",
     "rejected_weights"]}`, or None if the prompt or a response is empty (after truncation).
@@ -188,14 +189,11 @@ def tokenize_row(
             rejected_ids = rejected_ids if rejected_ids and rejected_ids[-1] == eos else rejected_ids + [eos]
 
     responses = {"chosen": [chosen_ids, None], "rejected": [rejected_ids, None]}
+    given = {}  # column -> (side, number of values, untruncated response length); checked after truncation
     for key, column in (("chosen", CHOSEN_WEIGHTS), ("rejected", REJECTED_WEIGHTS)):
         if example.get(column) is not None:
             weights = weight_values(example[column], column)
-            if len(weights) != len(responses[key][0]):
-                raise ValueError(
-                    f"`{column}` has {len(weights)} values but the {key} response has {len(responses[key][0])} "
-                    "tokens; weights must be computed on the same tokenisation (tisdpo.data.tokenize_row)"
-                )
+            given[column] = (key, len(weights), len(responses[key][0]))
             responses[key][1] = weights
 
     def cut_response(limit: int) -> None:
@@ -219,6 +217,14 @@ def tokenize_row(
             prompt_ids = prompt_ids[:max_length]
         cut_response(max_length - len(prompt_ids))
 
+    for column, (key, n_values, n_full) in given.items():  # the whole response, or the part truncation keeps
+        n_kept = len(responses[key][0])
+        if n_values not in (n_full, n_kept):
+            kept = f" ({n_kept} after truncation)" if n_kept != n_full else ""
+            raise ValueError(
+                f"`{column}` has {n_values} values but the {key} response has {n_full} tokens{kept}; weights must be "
+                "computed on the same tokenisation and truncation (tisdpo.data.tokenize_row)"
+            )
     if not prompt_ids or any(len(item[0]) == 0 for item in responses.values()):
         return None
     out = {PROMPT_IDS: prompt_ids, CHOSEN_IDS: responses["chosen"][0], REJECTED_IDS: responses["rejected"][0]}

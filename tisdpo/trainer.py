@@ -4,8 +4,10 @@ One step: the collator lays out the B chosen and B rejected sequences (padded `[
 model runs with its LM head applied to zero positions (`logits_to_keep` = an empty index, so no logits exist)
 while a forward hook on the decoder body keeps the last hidden states, and
 `tisdpo_kernels.fused_tis_dpo_loss(hidden, lm_head.weight, labels, ...)` turns the response rows into the loss
-and its metrics without materialising `[tokens, vocab]` logits. The call goes through the wrapped model (DDP,
-FSDP, DeepSpeed as prepared by accelerate), so their forward/backward hooks run as in any Trainer step.
+and its metrics without materialising `[tokens, vocab]` logits. The decoder call goes through the wrapped model
+(DDP, FSDP2, DeepSpeed as prepared by accelerate) and the loss gets the whole head weight from
+`tisdpo.distributed.head_forward` (a ZeRO-3 gather through the head module's forward, an FSDP2 unshard of the
+head's group), with the engine reducing its gradient as for any layer.
 
 Reference log-probs come from (in this order of precedence): precomputed per-token values cached on disk
 (`precompute_ref_log_probs=True`), an explicit frozen `ref_model`, the PEFT base model with its adapter disabled,
@@ -50,6 +52,7 @@ from .data import (
     prepare_preference_dataset,
     split_responses,
 )
+from .distributed import context_parallel_group, full_frozen, head_forward, prepare_reference
 from .prefix import PREFIX_DOC_IDS, PrefixSharedCollator, check_attention, prefix_model_inputs
 
 logger = logging.getLogger(__name__)
@@ -112,14 +115,37 @@ def _check_architecture(model: nn.Module, name: str) -> None:
 
 
 def _lm_head(model: nn.Module) -> nn.Module:
-    """The output embedding whose weight (and bias) go to the fused loss; refuses a sharded one."""
-    head = model.get_output_embeddings()
-    if hasattr(head.weight, "full_tensor"):  # a DTensor: FSDP2 / tensor parallelism left it sharded here
-        raise NotImplementedError(
-            "the LM head weight is sharded (a DTensor) outside the model's forward; the fused loss needs the full "
-            "[V, D] weight. Train with DDP (or keep the LM head unsharded)."
-        )
-    return head
+    """The output embedding module whose weight (and bias) go to the fused loss, inside its own forward
+    (`head_forward`): sharded or not, the engine gathers it there."""
+    return model.get_output_embeddings()
+
+
+def _logprobs_fn(labels: torch.Tensor, args: TISDPOConfig, row_index: torch.Tensor | None = None):
+    """The `fn` of `head_forward` for per-token label log-probs: `fn(weight, bias, rows)`."""
+
+    def logprobs(weight, bias, rows):
+        return fused_linear_logprobs(rows, weight, labels, bias=bias, ignore_index=IGNORE_INDEX,
+                                     backend=args.loss_backend, chunk_size=args.loss_chunk_size, row_index=row_index)
+
+    return logprobs
+
+
+def _local_cu_seqlens(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Row boundaries of this rank's slice of a padded batch under context parallelism (the Trainer shards
+    input_ids, attention_mask and labels along the sequence); packed batches cannot be split that way."""
+    if inputs["labels"].shape[0] == 1:  # packed [1, N]; a padded batch has 2B >= 2 rows
+        raise ValueError("context parallelism needs padded batches: set padding_free=False")
+    if "row_index" in inputs:
+        raise ValueError("context parallelism with prefix_sharing is not supported: set prefix_sharing=False")
+    for key in ("token_weights", "ref_logps"):
+        if key in inputs and inputs[key].shape != inputs["labels"].shape:
+            raise ValueError(
+                f"context parallelism: the Trainer splits input_ids, attention_mask and labels along the sequence "
+                f"but not `{key}` ({tuple(inputs[key].shape)} vs labels {tuple(inputs['labels'].shape)}); run it "
+                "without weight columns and with an on-the-fly reference (precompute_ref_log_probs=False)"
+            )
+    rows, width = inputs["labels"].shape
+    return torch.arange(rows + 1, dtype=torch.int32, device=inputs["labels"].device) * width
 
 
 def _resolve_prefix_sharing(args: TISDPOConfig, model: nn.Module, ref_model: nn.Module | None) -> bool:
@@ -328,7 +354,7 @@ class TISDPOTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.ref_model = None
         if ref_model is not None and not args.precompute_ref_log_probs:
-            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+            self.ref_model = prepare_reference(self.accelerator, ref_model)
 
         self._metrics: dict[str, defaultdict[str, list[float]]] = {m: defaultdict(list) for m in ("train", "eval")}
         self._tokens_since_log = 0.0
@@ -437,8 +463,9 @@ class TISDPOTrainer(Trainer):
             tensors["ref_logps"] = inputs["ref_logps"].reshape(-1)
         else:
             ref_hidden, ref_head = self._ref_hidden_states(inputs)
-            tensors.update(ref_hidden=ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight=ref_head.weight,
-                           ref_bias=ref_head.bias)
+            # frozen: the whole (gathered) weight for this step, no hooks needed for its gradient
+            tensors.update(ref_hidden=ref_hidden.reshape(-1, ref_hidden.shape[-1]),
+                           ref_weight=full_frozen(ref_head.weight), ref_bias=full_frozen(ref_head.bias))
         if "token_weights" in inputs:
             # the transform runs in the loss's compute precision (float64 for float64 models, float32 otherwise)
             compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -449,22 +476,31 @@ class TISDPOTrainer(Trainer):
                 tensors["token_weights"] = apply_weight_transform(
                     raw, args.weight_transform, **(args.weight_transform_kwargs or {})
                 )
-        return fused_tis_dpo_loss(
-            hidden.reshape(-1, dim),
-            head.weight,
-            inputs["labels"].reshape(-1),
-            bias=head.bias,
-            cu_seqlens=inputs["cu_seqlens"],
-            row_index=inputs.get("row_index"),
-            beta=args.beta,
-            alpha=args.alpha,
-            kl=args.kl,
-            ignore_index=IGNORE_INDEX,
-            backend=args.loss_backend,
-            chunk_size=args.loss_chunk_size,
-            **args.pair_loss_kwargs(),
-            **tensors,
-        )
+        group = context_parallel_group(self.accelerator)
+        cu_seqlens = inputs["cu_seqlens"]
+        if group is not None:
+            cu_seqlens = _local_cu_seqlens(inputs)
+
+        def loss(weight, bias, rows):
+            return fused_tis_dpo_loss(
+                rows,
+                weight,
+                inputs["labels"].reshape(-1),
+                bias=bias,
+                cu_seqlens=cu_seqlens,
+                row_index=inputs.get("row_index"),
+                beta=args.beta,
+                alpha=args.alpha,
+                kl=args.kl,
+                ignore_index=IGNORE_INDEX,
+                backend=args.loss_backend,
+                chunk_size=args.loss_chunk_size,
+                group=group,
+                **args.pair_loss_kwargs(),
+                **tensors,
+            )
+
+        return head_forward(head, loss, hidden.reshape(-1, dim))
 
     def _sft_loss(self, model, chosen):
         """Negative log-likelihood of the chosen responses averaged over all their tokens (TRL's 'sft'), times the
@@ -474,9 +510,7 @@ class TISDPOTrainer(Trainer):
         hidden = self._hidden_states(model, chosen)
         head = _lm_head(self.accelerator.unwrap_model(model))
         labels = chosen["labels"].reshape(-1)
-        logps = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, bias=head.bias,
-                                      ignore_index=IGNORE_INDEX, backend=self.args.loss_backend,
-                                      chunk_size=self.args.loss_chunk_size)
+        logps = head_forward(head, _logprobs_fn(labels, self.args), hidden.reshape(-1, hidden.shape[-1]))
         lengths = (cu[1:] - cu[:-1]).to(device=logps.device, dtype=torch.long)
         seq_ids = torch.arange(pairs, device=logps.device).repeat_interleave(lengths)
         sums = torch.zeros(pairs, dtype=logps.dtype, device=logps.device).index_add(0, seq_ids, logps)
@@ -602,10 +636,8 @@ class TISDPOTrainer(Trainer):
                     hidden = self._hidden_states(source, batch)
                     head = _lm_head(source)
                     labels = batch["labels"].reshape(-1)
-                    logps = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels,
-                                                  bias=head.bias, ignore_index=IGNORE_INDEX,
-                                                  backend=self.args.loss_backend, chunk_size=self.args.loss_chunk_size,
-                                                  row_index=batch.get("row_index"))
+                    logps = head_forward(head, _logprobs_fn(labels, self.args, batch.get("row_index")),
+                                         hidden.reshape(-1, hidden.shape[-1]))
                     sequences = split_responses(logps, labels, batch["cu_seqlens"])
                     pairs = len(sequences) // 2
                     for s, values in enumerate(sequences):

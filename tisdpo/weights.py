@@ -38,11 +38,13 @@ How to train ``pi_plus``/``pi_minus``: ``tisdpo.contrastive``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+import secrets
 from collections.abc import Sequence
 
 import datasets
@@ -55,8 +57,17 @@ from tisdpo_kernels import fused_linear_logprobs
 from tisdpo_kernels.reference import ELEMENTWISE_TRANSFORMS, apply_weight_transform
 from tisdpo_kernels.reference import transform_params as _elementwise_params
 
-from .config import PER_RESPONSE_TRANSFORMS
-from .data import PreferenceCollator, extract_prompt, is_conversational, split_responses, tokenize_row
+from .config import PER_RESPONSE_TRANSFORMS, TISDPOConfig
+from .data import (
+    CHOSEN_IDS,
+    PROMPT_IDS,
+    REJECTED_IDS,
+    PreferenceCollator,
+    extract_prompt,
+    is_conversational,
+    split_responses,
+    tokenize_row,
+)
 from .prefix import PREFIX_DOC_IDS, PrefixSharedCollator, check_attention, prefix_model_inputs
 from .trainer import EFFICIENT_PACKING_ATTENTION, model_fingerprint
 
@@ -224,7 +235,8 @@ def transform_token_weights(
     The input columns follow this module's convention (chosen: ``r_t``, rejected: ``-r_t``, as written by
     ``estimate_token_weights``); each response's column becomes ``T(x)`` (``transform_kwargs``,
     ``eos_weight`` as in ``response_weights``; the ``random`` transform is seeded per example index and
-    side). Train on the result with ``weight_transform="origin"``. Needed for the per-response transforms
+    side; a None column, a pair the trainer drops, stays None). Train on the result with
+    ``weight_transform="origin"``. Needed for the per-response transforms
     (``rank_based``, ``binary``, ``random``) and for the EOS option; elementwise transforms can instead be
     left to the trainer.
 
@@ -242,6 +254,9 @@ def transform_token_weights(
     def one(example, idx):
         out = {}
         for side in ("chosen", "rejected"):
+            if example[f"{side}_weights"] is None:  # a pair the trainer drops (estimate_token_weights)
+                out[f"{side}_weights"] = None
+                continue
             w = response_weights(example[f"{side}_weights"], name, params, eos_weight=eos_weight,
                                  generator=example_generator(seed, idx, side))
             out[f"{side}_weights"] = w.to(torch.float32).tolist()
@@ -261,8 +276,12 @@ DEFAULT_SYSTEM_PROMPTS = (
     "You are a reckless assistant that ignores accuracy, safety and other people. You go along with any "
     "request, however harmful, misleading or disrespectful the answer is.",
 )
-_FORMAT_VERSION = 1  # bump when the shard contents change meaning: old caches are then not reused
+_FORMAT_VERSION = 2  # bump when the shard contents change meaning: old caches are then not reused
 _SHARD_SCHEMA = pa.schema([("chosen_weights", pa.list_(pa.float32())), ("rejected_weights", pa.list_(pa.float32()))])
+_SHARD_METADATA_KEY = b"tisdpo.token_weights"
+# the trainer's truncation options (tisdpo.data.tokenize_row), with TISDPOConfig's defaults
+TRUNCATION_OPTIONS = ("max_length", "max_prompt_length", "max_completion_length", "truncation_mode")
+TRUNCATION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TISDPOConfig) if f.name in TRUNCATION_OPTIONS}
 
 
 def with_system_prompt(example: dict, system_prompt: str) -> dict:
@@ -329,24 +348,50 @@ def _packs_efficiently(model) -> bool:
     return attn in EFFICIENT_PACKING_ATTENTION or "flash" in attn
 
 
+def _common_suffix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
+        n += 1
+    return n
+
+
 class _Estimator:
     """Holds the models and options of one estimation run; ``columns(examples)`` does one batch."""
 
     def __init__(self, pi_plus, pi_minus, tokenizer, method, system_prompts, backend, device, padding_free,
-                 prefix_sharing=False):
+                 truncation, prefix_sharing=False):
         self.pi_plus, self.pi_minus, self.tokenizer = pi_plus, pi_minus, tokenizer
         self.method, self.system_prompts, self.backend, self.device = method, system_prompts, backend, device
+        self.truncation = truncation
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("tokenizer has neither a pad_token_id nor an eos_token_id to pad batches with")
         collator_class = PrefixSharedCollator if prefix_sharing else PreferenceCollator
         self.collate = collator_class(pad_token_id=pad, padding_free=padding_free)
 
-    def _tokenize(self, example: dict) -> dict:
-        row = tokenize_row(example, self.tokenizer)
-        if row is None:
-            raise ValueError("a preference example has an empty prompt or response after tokenisation")
-        return row
+    def _system_prompt_row(self, example: dict, system_prompt: str, row: dict) -> dict:
+        """Method P: the trainer's (truncated) ``row`` with ``system_prompt`` in front of its prompt.
+
+        The system prompt is never truncated away: when truncation shortened the prompt, the scored prompt is
+        the system-prompt tokens followed by the prompt tokens the trainer keeps (so it is longer than the
+        trainer's by the system prompt). The responses are the trainer's tokens."""
+        full = tokenize_row(example, self.tokenizer)  # untruncated: the prompt the truncation started from
+        marked = tokenize_row(with_system_prompt(example, system_prompt), self.tokenizer)
+        for key in (CHOSEN_IDS, REJECTED_IDS):
+            if marked[key] != full[key]:
+                raise ValueError(
+                    f"method 'P': the system prompt changed the tokens of a response ({key}); the "
+                    "tokenizer must tokenise responses independently of the prompt"
+                )
+        untruncated, kept, prompt = full[PROMPT_IDS], row[PROMPT_IDS], marked[PROMPT_IDS]
+        if kept != untruncated:
+            shared = _common_suffix(prompt, untruncated)  # the prompt's tokens after the system prompt
+            if self.truncation["truncation_mode"] == "keep_end":
+                tail = min(len(kept), shared)
+                prompt = prompt[: len(prompt) - shared] + untruncated[len(untruncated) - tail:]
+            else:
+                prompt = prompt[: len(prompt) - len(untruncated) + len(kept)]
+        return {PROMPT_IDS: prompt, CHOSEN_IDS: row[CHOSEN_IDS], REJECTED_IDS: row[REJECTED_IDS]}
 
     def _logps(self, model, rows: list[dict]) -> list[list[float]]:
         batch = {k: v.to(self.device) for k, v in self.collate(rows).items()}
@@ -354,30 +399,30 @@ class _Estimator:
         return [v.tolist() for v in values]
 
     @torch.no_grad()
-    def columns(self, examples: list[dict]) -> tuple[list[list[float]], list[list[float]]]:
+    def columns(self, examples: list[dict]) -> tuple[list[list[float] | None], list[list[float] | None]]:
         """Column values of ``examples`` (one list per example): ``r_t`` of each chosen-response token and
-        ``-r_t`` of each rejected-response token."""
+        ``-r_t`` of each rejected-response token, tokenised and truncated as the trainer does; None for an
+        example the trainer drops (its prompt or a response is empty after truncation)."""
         weightless = [{k: v for k, v in ex.items() if k not in ("chosen_weights", "rejected_weights")}
                       for ex in examples]
-        rows = [self._tokenize(ex) for ex in weightless]
+        rows = [tokenize_row(ex, self.tokenizer, **self.truncation) for ex in weightless]
+        kept = [i for i, row in enumerate(rows) if row is not None]
+        chosen: list[list[float] | None] = [None] * len(examples)
+        rejected: list[list[float] | None] = [None] * len(examples)
+        if not kept:
+            return chosen, rejected
         if self.method == "P":
-            plus_rows = [self._tokenize(with_system_prompt(ex, self.system_prompts[0])) for ex in weightless]
-            minus_rows = [self._tokenize(with_system_prompt(ex, self.system_prompts[1])) for ex in weightless]
-            for row, plus_row, minus_row in zip(rows, plus_rows, minus_rows, strict=True):
-                for key in ("chosen_input_ids", "rejected_input_ids"):
-                    if not row[key] == plus_row[key] == minus_row[key]:
-                        raise ValueError(
-                            f"method 'P': the system prompt changed the tokens of a response ({key}); the "
-                            "tokenizer must tokenise responses independently of the prompt"
-                        )
+            plus_rows = [self._system_prompt_row(weightless[i], self.system_prompts[0], rows[i]) for i in kept]
+            minus_rows = [self._system_prompt_row(weightless[i], self.system_prompts[1], rows[i]) for i in kept]
             plus = self._logps(self.pi_plus, plus_rows)
             minus = self._logps(self.pi_plus, minus_rows)
         else:
-            plus = self._logps(self.pi_plus, rows)
-            minus = self._logps(self.pi_minus, rows)
-        b = len(examples)
-        chosen = [[p - m for p, m in zip(ps, ms, strict=True)] for ps, ms in zip(plus[:b], minus[:b], strict=True)]
-        rejected = [[m - p for p, m in zip(ps, ms, strict=True)] for ps, ms in zip(plus[b:], minus[b:], strict=True)]
+            plus = self._logps(self.pi_plus, [rows[i] for i in kept])
+            minus = self._logps(self.pi_minus, [rows[i] for i in kept])
+        b = len(kept)
+        for j, i in enumerate(kept):
+            chosen[i] = [p - m for p, m in zip(plus[j], minus[j], strict=True)]
+            rejected[i] = [m - p for p, m in zip(plus[b + j], minus[b + j], strict=True)]
         return chosen, rejected
 
 
@@ -387,20 +432,68 @@ def _run_key(dataset, tokenizer, model_ids, **options) -> str:
     return hashlib.sha256(repr(sorted(parts.items())).encode()).hexdigest()[:20]
 
 
-def _write_shard(path: str, batches) -> None:
-    """Write an iterable of ``(chosen_r, rejected_r)`` batches as one Parquet file, atomically: one row
-    group per batch into ``path + ".tmp"``, then a rename."""
-    tmp = path + ".tmp"
-    with pq.ParquetWriter(tmp, _SHARD_SCHEMA) as writer:
-        for chosen, rejected in batches:
-            writer.write_table(pa.table({"chosen_weights": chosen, "rejected_weights": rejected},
-                                        schema=_SHARD_SCHEMA))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _rows_fingerprint(dataset, lo: int, hi: int) -> str:
+    """A hash of the text columns the estimator reads (``prompt``, ``chosen``, ``rejected``) of rows
+    ``[lo, hi)``: what a shard's values were computed from."""
+    columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
+    table = dataset.select_columns(columns).with_format("arrow")[lo:hi]
+    h = hashlib.sha256()
+    for name in columns:
+        h.update(name.encode())
+        h.update(json.dumps(table.column(name).to_pylist(), ensure_ascii=False, sort_keys=True).encode())
+    return h.hexdigest()[:32]
 
 
-def _compute_shard(estimator: _Estimator, dataset, lo: int, hi: int, batch_size: int, path: str, pbar) -> None:
+def _shard_identity(key: str, lo: int, hi: int, rows_fingerprint: str) -> dict:
+    """What a shard covers, stored in its Parquet metadata: the run (options, models, tokenizer), the row
+    range and the fingerprint of those rows' contents."""
+    return {"format": _FORMAT_VERSION, "run": key, "rows": [lo, hi], "rows_fingerprint": rows_fingerprint}
+
+
+def _shard_mismatch(path: str, identity: dict) -> str | None:
+    """Why the shard file at ``path`` cannot be reused for ``identity`` (None: it can): missing, unreadable
+    (truncated, not Parquet), or written for other rows, other contents or another run."""
+    if not os.path.exists(path):
+        return "missing"
+    try:
+        shard = pq.ParquetFile(path)
+        table = shard.read()  # reads every page: a damaged file fails here, not later in datasets
+        found = json.loads((shard.schema_arrow.metadata or {}).get(_SHARD_METADATA_KEY, b"null"))
+    except (OSError, ValueError, pa.ArrowException) as err:
+        return f"unreadable: {type(err).__name__}: {err}"
+    if not table.schema.equals(_SHARD_SCHEMA):
+        return f"columns {table.schema.names} are not {_SHARD_SCHEMA.names}"
+    if found != identity:
+        if not isinstance(found, dict):
+            return "it carries no description of the rows it covers"
+        differ = [k for k in identity if found.get(k) != identity[k]]
+        return f"written for other {', '.join(differ)} (rows {found.get('rows')}, expected {identity['rows']})"
+    lo, hi = identity["rows"]
+    if table.num_rows != hi - lo:
+        return f"it has {table.num_rows} rows, expected {hi - lo}"
+    return None
+
+
+def _write_shard(path: str, batches, identity: dict) -> None:
+    """Write an iterable of ``(chosen_r, rejected_r)`` batches as one Parquet file carrying ``identity`` in
+    its metadata, atomically: one row group per batch into a temporary file unique to this process and call
+    (two runs may share a cache directory), then ``os.replace`` onto ``path``."""
+    tmp = f"{path}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    schema = _SHARD_SCHEMA.with_metadata({_SHARD_METADATA_KEY: json.dumps(identity, sort_keys=True).encode()})
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for chosen, rejected in batches:
+                writer.write_table(pa.table({"chosen_weights": chosen, "rejected_weights": rejected}, schema=schema))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _compute_shard(estimator: _Estimator, dataset, lo: int, hi: int, batch_size: int, path: str, identity: dict,
+                   pbar) -> None:
     """Estimate rows ``[lo, hi)`` batch by batch, streaming each batch's results into the shard file."""
 
     def batches():
@@ -411,7 +504,7 @@ def _compute_shard(estimator: _Estimator, dataset, lo: int, hi: int, batch_size:
             yield estimator.columns(examples)
             pbar.update(stop - start)
 
-    _write_shard(path, batches())
+    _write_shard(path, batches(), identity)
 
 
 def estimate_token_weights(
@@ -431,14 +524,20 @@ def estimate_token_weights(
     prefix_sharing: bool | None = None,
     model_ids: tuple[str, str | None] | None = None,
     progress: bool = True,
+    max_length: int | None = TRUNCATION_DEFAULTS["max_length"],
+    max_prompt_length: int | None = TRUNCATION_DEFAULTS["max_prompt_length"],
+    max_completion_length: int | None = TRUNCATION_DEFAULTS["max_completion_length"],
+    truncation_mode: str = TRUNCATION_DEFAULTS["truncation_mode"],
 ):
     """Per-token rewards ``r_t = log pi_plus(y_t) - log pi_minus(y_t)`` of every response token.
 
-    Each pair is tokenised exactly as the trainer tokenises it (``tisdpo.data.tokenize_row``, no
-    truncation) and collated with ``tisdpo.data.PreferenceCollator``, padded or packed without padding
-    (``padding_free``; default: packed when both models use a varlen attention kernel such as
-    flash-attention, where packing saves time and memory); the decoder's last hidden states and the LM
-    head weight go to ``tisdpo_kernels.fused_linear_logprobs`` (full logits are never built).
+    Each pair is tokenised and truncated exactly as the trainer does it (``tisdpo.data.tokenize_row`` with
+    the trainer's ``max_length`` / ``max_prompt_length`` / ``max_completion_length`` / ``truncation_mode``,
+    whose defaults are ``TISDPOConfig``'s: pass the values the training run uses) and collated with
+    ``tisdpo.data.PreferenceCollator``, padded or packed without padding (``padding_free``; default: packed
+    when both models use a varlen attention kernel such as flash-attention, where packing saves time and
+    memory); the decoder's last hidden states and the LM head weight go to
+    ``tisdpo_kernels.fused_linear_logprobs`` (full logits are never built).
 
     Methods (DESIGN §1): ``"S"`` (``pi_plus`` SFT on chosen, ``pi_minus`` SFT on rejected) and ``"D"``
     (``pi_plus`` DPO, ``pi_minus`` reverse DPO) take two models; ``"P"`` takes one model (``pi_plus``;
@@ -447,17 +546,24 @@ def estimate_token_weights(
 
     Output columns (the convention of this module and of ``TISDPOConfig``): ``chosen_weights`` holds
     ``r_t`` of each chosen-response token, ``rejected_weights`` holds ``-r_t`` of each rejected-response
-    token (sign flipped once, here), one float32 per response token of ``tokenize_row``'s tokenisation, so
-    that the trainer's weight is ``T(x)`` for both columns. Any weight columns already in ``dataset`` are
-    replaced.
+    token (sign flipped once, here), one float32 per response token of ``tokenize_row``'s tokenisation and
+    truncation (the tokens the trainer will use; the trainer accepts columns of the truncated length), so
+    that the trainer's weight is ``T(x)`` for both columns. A pair the trainer drops (its prompt or a
+    response is empty after truncation) gets None in both columns; the count is logged. Any weight columns
+    already in ``dataset`` are replaced. Method P scores the truncated pair with the system prompt in front
+    of the kept prompt tokens, so its models need room for ``max_length`` plus the system prompt's tokens.
 
-    Work is split into shards of ``shard_size`` pairs, each written atomically (temporary file + rename)
-    under ``cache_dir/<key>/``, ``key`` hashing the dataset fingerprint, both models' fingerprints
-    (``model_fingerprint``, or ``model_ids`` if given), the tokenizer, the method and system prompts, and
-    the shard and batch sizes and the layout (padded or packed). A rerun skips finished shards: an
-    interrupted run resumes where it stopped and a finished one costs no model call; the result is
-    identical to an uninterrupted run. Memory: one batch of per-token results at a time (each batch is
-    streamed into its shard file).
+    Work is split into shards of ``shard_size`` pairs, each written atomically (a temporary file named
+    after the process and a random suffix, then ``os.replace``; two runs may share the cache) under
+    ``cache_dir/<key>/``, ``key`` hashing the dataset fingerprint, both models' fingerprints
+    (``model_fingerprint``, or ``model_ids`` if given), the tokenizer, the method and system prompts, the
+    truncation options, and the shard and batch sizes and the layout (padded or packed). Each shard's
+    Parquet metadata records what it covers: the run key, its row range and a fingerprint of those rows'
+    texts. A rerun reuses the shards that match and recomputes, with a log line saying why, any that is
+    missing, unreadable (truncated, not Parquet) or describes other rows, contents or options: an
+    interrupted run resumes where it stopped and a finished one costs no model call (logged with the cache
+    location); the result is identical to an uninterrupted run. Memory: one batch of per-token results at
+    a time (each batch is streamed into its shard file).
 
     Args:
         dataset: ``datasets.Dataset`` in a preference format ``tisdpo.data`` accepts.
@@ -475,6 +581,8 @@ def estimate_token_weights(
             ``flex_attention``; True also with sdpa/eager (a dense 4-D mask).
         model_ids: identities of ``(pi_plus, pi_minus)`` for the cache key, instead of hashing their weights.
         progress: show a tqdm progress bar over pairs.
+        max_length, max_prompt_length, max_completion_length, truncation_mode: the trainer's truncation
+            (``TISDPOConfig``'s fields of these names, same meaning and defaults).
     Returns:
         ``dataset`` with ``chosen_weights`` / ``rejected_weights`` columns (memory-mapped from the shards).
     """
@@ -496,6 +604,14 @@ def estimate_token_weights(
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    truncation = {"max_length": max_length, "max_prompt_length": max_prompt_length,
+                  "max_completion_length": max_completion_length, "truncation_mode": truncation_mode}
+    for name in TRUNCATION_OPTIONS[:3]:
+        value = truncation[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+    if truncation_mode not in ("keep_end", "keep_start"):
+        raise ValueError(f"truncation_mode must be 'keep_end' or 'keep_start', got {truncation_mode!r}")
     if device is None:
         device = next(pi_plus.parameters()).device
     for model in (pi_plus, pi_minus):
@@ -516,22 +632,41 @@ def estimate_token_weights(
         model_ids = (model_fingerprint(pi_plus), None if pi_minus is None else model_fingerprint(pi_minus))
     key = _run_key(dataset, tokenizer, model_ids, method=method, shard_size=shard_size, batch_size=batch_size,
                    system_prompts=list(system_prompts) if method == "P" else None, padding_free=padding_free,
-                   **({"prefix_sharing": True} if prefix_sharing else {}))
+                   **truncation, **({"prefix_sharing": True} if prefix_sharing else {}))
     root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "tisdpo", "token_weights")
     run_dir = os.path.join(root, key)
     os.makedirs(run_dir, exist_ok=True)
     n = len(dataset)
     bounds = [(lo, min(lo + shard_size, n)) for lo in range(0, n, shard_size)]
     paths = [os.path.join(run_dir, f"shard-{i:05d}.parquet") for i in range(len(bounds))]
-    done = sum(hi - lo for (lo, hi), p in zip(bounds, paths, strict=True) if os.path.exists(p))
+    identities = [_shard_identity(key, lo, hi, _rows_fingerprint(dataset, lo, hi)) for lo, hi in bounds]
+    todo = []
+    for (lo, hi), path, identity in zip(bounds, paths, identities, strict=True):
+        reason = _shard_mismatch(path, identity)
+        if reason is None:
+            continue
+        if reason != "missing":
+            logger.warning("token weights: recomputing %s (rows %d-%d): %s", path, lo, hi - 1, reason)
+        todo.append(((lo, hi), path, identity))
+    if todo:
+        logger.info("token weights: computing %d of %d shards (%d of %d pairs) into the cache %s", len(todo),
+                    len(bounds), sum(hi - lo for (lo, hi), _, _ in todo), n, run_dir)
+    else:
+        logger.info("token weights: reused the cache %s (all %d shards, %d pairs); no model call", run_dir,
+                    len(bounds), n)
     estimator = _Estimator(pi_plus, pi_minus, tokenizer, method, tuple(system_prompts), backend, device,
-                           padding_free, prefix_sharing)
+                           padding_free, truncation, prefix_sharing)
+    done = n - sum(hi - lo for (lo, hi), _, _ in todo)
     with tqdm(total=n, initial=done, desc=f"token weights ({method})", unit="pair", disable=not progress) as pbar:
-        for (lo, hi), path in zip(bounds, paths, strict=True):
-            if not os.path.exists(path):
-                _compute_shard(estimator, dataset, lo, hi, batch_size, path, pbar)
+        for (lo, hi), path, identity in todo:
+            _compute_shard(estimator, dataset, lo, hi, batch_size, path, identity, pbar)
 
     weights = datasets.Dataset.from_parquet(paths, cache_dir=os.path.join(run_dir, "arrow"))
+    dropped = weights.data.column("chosen_weights").null_count
+    if dropped:
+        logger.warning("token weights: %d of %d pairs have no weights (None): their prompt or a response is empty "
+                       "after truncation (%s), so the trainer drops them too", dropped, n,
+                       ", ".join(f"{k}={v}" for k, v in truncation.items()))
     base = dataset.remove_columns([c for c in ("chosen_weights", "rejected_weights") if c in dataset.column_names])
     if base._indices is not None:  # a select()/shuffle() view: column-wise concatenation needs plain rows
         base = base.flatten_indices()
@@ -545,15 +680,40 @@ def estimate_token_weights(
 
 def _parse_with_yaml(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse ``argv``; a ``--config file.yaml`` mapping of option names (``batch_size`` or ``batch-size``)
-    supplies defaults that flags on the command line override."""
+    supplies defaults that flags on the command line override. The file may be the one ``tisdpo train``
+    reads: fields of ``TrainArguments`` / ``TISDPOConfig`` are accepted (those this command shares, such as
+    ``max_length`` or ``padding_free``, are used; the others are ignored); any other key is an error."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
     if known.config is not None:
-        from .cli import apply_yaml_defaults
+        from .cli import TrainArguments, apply_yaml_defaults
 
-        apply_yaml_defaults(parser, known.config, {a.dest for a in parser._actions})
-    return parser.parse_args(rest)
+        trainer_fields = {f.name for dc in (TrainArguments, TISDPOConfig) for f in dataclasses.fields(dc) if f.init}
+        apply_yaml_defaults(parser, known.config, {a.dest for a in parser._actions} | trainer_fields)
+    args = parser.parse_args(rest)
+    ours = {a.dest for a in parser._actions}
+    return argparse.Namespace(**{k: v for k, v in vars(args).items() if k in ours})
+
+
+def _optional_int(text: str) -> int | None:
+    """argparse type: a positive int, or ``None``/``none``/``null`` for no limit."""
+    if text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int or None, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int or None, got {text!r}")
+    return value
+
+
+def _auto_bool(value) -> bool | None:
+    """``--padding-free`` / ``--prefix-sharing`` ``auto|true|false``, or the trainer YAML's ``true|false|null``."""
+    if value is None or isinstance(value, bool):
+        return value
+    return {"auto": None, "true": True, "false": False}[value]
 
 
 def load_causal_lm(name_or_path: str, *, device: str, dtype: str | None = None):
@@ -618,6 +778,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--padding-free", choices=("auto", "true", "false"), default="auto",
                         help="pack the sequences of a batch without padding (auto: with flash/flex attention)")
+    for name in TRUNCATION_OPTIONS[:3]:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_optional_int,
+                            default=TRUNCATION_DEFAULTS[name],
+                            help=f"the trainer's `{name}` (TISDPOConfig; default %(default)s; None: no limit)")
+    parser.add_argument("--truncation-mode", choices=("keep_end", "keep_start"),
+                        default=TRUNCATION_DEFAULTS["truncation_mode"],
+                        help="the trainer's `truncation_mode` (TISDPOConfig; default %(default)s)")
     parser.add_argument("--prefix-sharing", choices=("auto", "true", "false"), default="auto",
                         help="one [prompt | chosen | rejected] row per pair, the prompt run once (auto: with flex "
                         "attention)")
@@ -627,6 +794,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on CUDA, else float32)")
     parser.add_argument("--no-progress", action="store_true")
     args = _parse_with_yaml(parser, argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.method == "P" and args.minus_model is not None:
         parser.error("--method P uses one model (--plus-model); drop --minus-model")
     if args.method != "P" and args.minus_model is None:
@@ -645,8 +813,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset, pi_plus, pi_minus, tokenizer, method=args.method,
         system_prompts=(args.good_system_prompt, args.bad_system_prompt), batch_size=args.batch_size,
         shard_size=args.shard_size, cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress,
-        padding_free={"auto": None, "true": True, "false": False}[args.padding_free],
-        prefix_sharing={"auto": None, "true": True, "false": False}[args.prefix_sharing],
+        padding_free=_auto_bool(args.padding_free),
+        prefix_sharing=_auto_bool(args.prefix_sharing),
+        **{name: getattr(args, name) for name in TRUNCATION_OPTIONS},
     )
     if args.transform is not None:
         result = transform_token_weights(result, args.transform, args.transform_kwargs, eos_weight=args.eos_weight)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import chunked
+from .distributed import all_reduce_sequence_sums, check_group, global_response_counts
 from .objectives import check_ld_alpha, ld_token_weights, loss_terms
 from .ops._config import auto_backend, interpreting
 from .reference import (
@@ -261,12 +262,14 @@ class _Rows:
     num_seqs: int
 
 
-def _response_rows(labels, cu_seqlens, ignore_index) -> _Rows:
+def _response_rows(labels, cu_seqlens, ignore_index, group=None) -> _Rows:
     layout = sequence_layout(labels, cu_seqlens)
     flat = labels.reshape(-1)
     index = (flat != ignore_index).nonzero().squeeze(1)
     seq_ids = layout.seq_ids[index]
     counts = torch.bincount(seq_ids, minlength=layout.num_seqs)
+    if group is not None:  # context parallel: a rank may hold no row of a sequence, the group must hold one
+        counts = global_response_counts(counts, group)
     empty = (counts == 0).nonzero().squeeze(1)
     if empty.numel():
         raise ValueError(
@@ -359,7 +362,7 @@ def fused_tis_dpo_loss(
     token_weights=None, contrastive_logps=None, weight_transform="origin", transform_kwargs=None,
     beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0, loss_weights=None, discopop_tau=0.05,
     ld_alpha=None, use_weighting=False, ignore_index=-100, cu_seqlens=None, backend="auto", chunk_size=None,
-    deterministic=False, grad_filter_eps=None, row_index=None, fp32_precision="tf32",
+    deterministic=False, grad_filter_eps=None, row_index=None, group=None, fp32_precision="tf32",
 ):
     """TIS-DPO / DPO / TDPO loss from last hidden states, never materialising ``[tokens, V]`` logits.
 
@@ -411,6 +414,12 @@ def fused_tis_dpo_loss(
         grad_filter_eps: Triton only: skip the gradient matmuls of vocabulary tiles whose probabilities all
             stay below it and that hold no label (e.g. ``2**-12``, below bf16 resolution; an approximation).
             ``None`` (default): exact. The torch and split paths are always exact.
+        group: a ``torch.distributed.ProcessGroup`` across which each sequence's rows are split (context
+            parallelism): every rank passes its own rows of the same 2B sequences (its slice of ``cu_seqlens``
+            or of the padded ``T``; a rank may hold no row of a sequence), the per-sequence sums are all-reduced
+            before the pair loss, and every rank returns the global loss and metrics. Each rank's rows get the
+            gradient of that global loss; sum (do not average) parameter gradients over the group. See
+            ``tisdpo_kernels.distributed``.
         fp32_precision: fp32 inputs on CUDA: ``"tf32"`` (default; tensor cores, 10-bit mantissa products,
             fp32 accumulation) or ``"ieee"`` (full fp32 products, several times slower). Half-precision
             inputs and the torch path are unaffected.
@@ -492,6 +501,11 @@ def fused_tis_dpo_loss(
             "apply_weight_transform) or leave weight_transform='origin'"
         )
 
+    if group is not None:
+        check_group(group)
+        if ld_alpha is not None:
+            raise ValueError("ld_alpha with group= is not supported: LD-DPO's shared length is a per-rank position "
+                             "here, and a sequence's rows are split across the group")
     backend = _resolve_backend(backend, hidden.device, weight.shape[1], grad_filter_eps is not None)
     if use_weighting and backend in ("triton", "split"):
         raise ValueError(
@@ -499,7 +513,7 @@ def fused_tis_dpo_loss(
             "does not compute; use backend='torch' (the chunked path computes it in its forward pass)"
         )
     opts = _kernel_options(chunk_size, deterministic, grad_filter_eps, fp32_precision, backend)
-    rows = _response_rows(labels, cu_seqlens, ignore_index)
+    rows = _response_rows(labels, cu_seqlens, ignore_index, group)
     hidden_index = rows.index if row_index is None else row_index.to(torch.long)[rows.index]
     h_rows = _gather_rows(hidden, hidden_index)
     token_kl = collision = None
@@ -533,6 +547,8 @@ def fused_tis_dpo_loss(
         w = ld if w is None else w * ld
     sums = _sequence_sums(backend, logps, lpref.detach(), w, contrastive, weight_transform, transform_kwargs,
                           rows, token_kl, kl, collision)
+    if group is not None:
+        sums = all_reduce_sequence_sums(sums, group)
     loss, metrics = pair_objective(sums, beta=beta, alpha=alpha, kl=kl, loss_type=loss_type,
                                    label_smoothing=label_smoothing, loss_weights=loss_weights,
                                    discopop_tau=discopop_tau, use_weighting=use_weighting)

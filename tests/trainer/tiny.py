@@ -74,7 +74,8 @@ def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
 
 
 def tiny_llama(vocab_size: int, seed: int = 0, attn_implementation: str = "sdpa", **overrides) -> LlamaForCausalLM:
-    """A 2-layer Llama (hidden 32, 4 heads, 2 KV heads) with random weights from a fixed seed, in float32."""
+    """A 2-layer Llama (hidden 32, 4 heads, 2 KV heads, untied head unless `tie_word_embeddings=True`) with random
+    weights from a fixed seed, in float32."""
     import torch
 
     config = LlamaConfig(
@@ -85,11 +86,10 @@ def tiny_llama(vocab_size: int, seed: int = 0, attn_implementation: str = "sdpa"
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-        **overrides,
+        **{"tie_word_embeddings": False, **overrides},
     )
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
