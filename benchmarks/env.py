@@ -14,6 +14,8 @@ import torch
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets; matched in order
 # against torch.cuda.get_device_name(). TISDPO_BENCH_PEAK_TFLOPS overrides (e.g. for a clocked-down part).
+# For context only: no recompute design can show a high fraction of a data-sheet peak (an H200 measured
+# 790 of 989 TFLOP/s on the loss's GEMM shapes); benchmarks/gpu_check.py divides by measured_gemm_tflops.
 BF16_PEAK_TFLOPS = (
     ("H100 PCIe", 756.0),
     ("H100", 989.4),
@@ -55,6 +57,34 @@ def device_slug(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def measured_gemm_tflops(m: int, n: int, k: int, device: torch.device, dtype=torch.bfloat16,
+                         repeats: int = 10) -> float:
+    """TFLOP/s of ``[m, k] @ [k, n]`` measured now on ``device`` (CUDA events; wall clock on CPU, fp32 there):
+    the ceiling to compare a loss against, from the same run and shape, instead of a data-sheet peak."""
+    if device.type != "cuda":
+        dtype = torch.float32
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    torch.mm(a, b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1e3 / repeats
+    else:
+        import time
+
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        seconds = (time.perf_counter() - t0) / repeats
+    return 2 * m * n * k / seconds / 1e12
 
 
 def bf16_peak_tflops(name: str) -> float | None:

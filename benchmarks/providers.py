@@ -25,7 +25,8 @@ Providers (``PROVIDERS``):
   only under ``TRITON_INTERPRET=1``, correct but not a performance path).
 - ``cce``: Cut Cross-Entropy's ``linear_cross_entropy(..., reduction="none")`` for per-token
   log-probs, then the weighted DPO loss in PyTorch; CUDA only, optional (``cut-cross-entropy``).
-- ``tisdpo_torch`` / ``tisdpo_triton``: ours, ``fused_tis_dpo_loss(..., backend="torch"|"triton")``.
+- ``tisdpo_torch`` / ``tisdpo_split`` / ``tisdpo_triton``: ours, ``fused_tis_dpo_loss(..., backend="torch"|
+  "split"|"triton")`` (the split path runs on CPU too: torch GEMMs and its torch elementwise twin).
 """
 
 from __future__ import annotations
@@ -339,6 +340,7 @@ PROVIDERS = {
         Provider("liger_flce", ("tisdpo",), _liger_flce_loss, _needs_liger_cuda),
         Provider("cce", ("tisdpo",), _cce_loss, _needs_cce_cuda),
         Provider("tisdpo_torch", ("tisdpo", "tisdpo_kl"), _ours_loss("torch"), _always, ours=True),
+        Provider("tisdpo_split", ("tisdpo", "tisdpo_kl"), _ours_loss("split"), _always, ours=True),
         Provider("tisdpo_triton", ("tisdpo", "tisdpo_kl"), _ours_loss("triton"), _needs_triton_cuda, ours=True),
     )
 }

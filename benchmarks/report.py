@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-PROVIDER_ORDER = ("tisdpo_triton", "tisdpo_torch", "naive", "torch_compile_chunked", "liger", "liger_flce", "cce",
+PROVIDER_ORDER = ("tisdpo_split", "tisdpo_triton", "tisdpo_torch", "naive", "torch_compile_chunked", "liger",
+                  "liger_flce", "cce",
                   "step_tisdpo", "step_naive")
-OURS = ("tisdpo_triton", "tisdpo_torch", "step_tisdpo")  # in order of preference as the ratio baseline
+OURS = ("tisdpo_split", "tisdpo_triton", "tisdpo_torch", "step_tisdpo")  # in order of preference as the ratio baseline
 VARIANT_TITLES = {
     "tisdpo": "TIS-DPO loss (token weights, precomputed reference log-probs)",
     "tisdpo_kl": "TIS-DPO with token-level KL (kl=\"tisdpo\", reference head computed inside)",
@@ -138,7 +139,8 @@ def render_markdown(data: dict, results: list[Result], plot_names: list[str]) ->
         "",
         "Each figure is one forward+backward of the loss over the LM head: gradients w.r.t. the hidden states "
         "and the head weight, one preference pair (2 sequences) with ragged prompts, the same inputs for every "
-        "provider. Ratios in parentheses are against ours (`tisdpo_triton` where it ran, else `tisdpo_torch`); "
+        "provider. Ratios in parentheses are against ours (`tisdpo_split` where it ran, else `tisdpo_triton`, "
+        "else `tisdpo_torch`); "
         "above 1 means slower or larger than ours. OOM: out of memory at that size.",
         "",
         "- **time**: median wall-clock ms over {} timed rounds, after {} warm-up round(s) that absorb "

@@ -90,6 +90,16 @@ def flop_count(case: Case, variant: str) -> int:
     return (8 if variant == "tisdpo_kl" else 6) * n * d * v
 
 
+def executed_flop_count(case: Case, variant: str) -> int:
+    """FLOPs a recompute design (ours, CCE, Liger's FLCE) executes in one forward+backward: the forward's
+    logits ``2 N D V``, the backward's recomputed logits ``2 N D V`` plus ``dH`` and ``dW`` ``4 N D V``
+    (``8 N D V``); the KL variant's reference head is formed in both passes (``12 N D V``). The floor of
+    a fused DPO head: it cannot fold the gradient into the forward (the per-token upstream gradient
+    needs the pair loss first)."""
+    n, d, v = case.num_response_tokens, case.head.hidden_size, case.head.vocab_size
+    return (12 if variant == "tisdpo_kl" else 8) * n * d * v
+
+
 GPU_TOKENS = (1024, 4096, 8192, 16384, 32768)
 GPU_HEADS = ("llama3-8b", "qwen2.5-7b", "gemma2-2b")
 CPU_TOKENS = (256, 1024)

@@ -5,8 +5,11 @@ silent wrong number or an out-of-bounds read), drops prompt/padding rows before 
 dispatches the per-token work to a backend and turns per-sequence sums into the loss and its
 metrics (``reference.pair_objective``).
 
-Backends: ``"torch"`` (``chunked.py``, runs anywhere), ``"triton"`` (``ops/``; CUDA tensors, or CPU
-tensors under ``TRITON_INTERPRET=1``), ``"auto"`` (Triton for CUDA tensors, torch otherwise).
+Backends: ``"torch"`` (``chunked.py``, runs anywhere), ``"split"`` (``ops/linear_split.py``: vocabulary
+splits, cuBLAS GEMMs and fused Triton elementwise passes, an atomic-free backward; runs anywhere, Triton
+on CUDA and under ``TRITON_INTERPRET=1``), ``"triton"`` (the all-Triton kernels of ``ops/linear_logprobs.py``;
+CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``"auto"`` (on CUDA the backend that
+``ops._config.auto_backend`` expects fastest for the shape, torch otherwise).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from . import chunked
 from .distributed import all_reduce_sequence_sums, check_group, global_response_counts
 from .objectives import check_ld_alpha, ld_token_weights, loss_terms
-from .ops._config import interpreting
+from .ops._config import auto_backend, interpreting
 from .reference import (
     KL_MODES,
     pair_objective,
@@ -29,7 +32,8 @@ from .reference import (
     transform_params,
 )
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "split")
+FP32_PRECISIONS = ("tf32", "ieee")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -38,11 +42,15 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ----------------------------------------------------------------------------------------------
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, device: torch.device, dim: int | None = None, grad_filter: bool = False) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        if device.type != "cuda" or not _triton_available():
+            return "torch"
+        return "triton" if grad_filter else auto_backend(dim)
+    if backend == "split" and not _triton_available():
+        raise ValueError("backend='split' needs the `triton` package, which is not importable here")
     if backend == "triton":
         if not _triton_available():
             raise ValueError("backend='triton' needs the `triton` package, which is not importable here")
@@ -69,15 +77,20 @@ class _KernelOptions:
     chunk_size: int | None = None
     deterministic: bool = False
     grad_filter_eps: float | None = None
+    fp32_precision: str = "tf32"
 
 
 def _linear_logprobs_rows(backend, hidden, weight, labels, bias, opts: _KernelOptions, log_collision=False):
     """Label log-probs of the rows; ``(logps, log_collision)`` with ``log_collision=True`` (torch backend only)."""
+    if backend == "split":
+        from .ops.linear_split import split_linear_logprobs
+
+        return split_linear_logprobs(hidden, weight, labels, bias=bias, fp32_precision=opts.fp32_precision)
     if backend == "triton":
         from .ops.linear_logprobs import triton_linear_logprobs
 
         return triton_linear_logprobs(hidden, weight, labels, bias=bias, deterministic=opts.deterministic,
-                                      filter_eps=opts.grad_filter_eps)
+                                      filter_eps=opts.grad_filter_eps, fp32_precision=opts.fp32_precision)
     return chunked.chunked_linear_logprobs(hidden, weight, labels, bias=bias, chunk_size=opts.chunk_size,
                                            log_collision=log_collision)
 
@@ -85,29 +98,41 @@ def _linear_logprobs_rows(backend, hidden, weight, labels, bias, opts: _KernelOp
 def _linear_kl_rows(backend, hidden, weight, labels, ref_hidden, ref_weight, mode, bias, ref_bias,
                     opts: _KernelOptions, log_collision=False):
     """``(logps, ref_logps, token_kl)``, plus the policy's log-collision with ``log_collision=True`` (torch only)."""
+    if backend == "split":
+        from .ops.linear_split import split_linear_kl
+
+        return split_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=bias, ref_bias=ref_bias,
+                               fp32_precision=opts.fp32_precision)
     if backend == "triton":
         from .ops.linear_kl import triton_linear_kl
 
         return triton_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=bias, ref_bias=ref_bias,
-                                deterministic=opts.deterministic, filter_eps=opts.grad_filter_eps)
+                                deterministic=opts.deterministic, filter_eps=opts.grad_filter_eps,
+                                fp32_precision=opts.fp32_precision)
     return chunked.chunked_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=bias,
                                      ref_bias=ref_bias, chunk_size=opts.chunk_size, log_collision=log_collision)
 
 
-def _kernel_options(chunk_size, deterministic, grad_filter_eps) -> _KernelOptions:
+def _kernel_options(chunk_size, deterministic, grad_filter_eps, fp32_precision="tf32",
+                    backend=None) -> _KernelOptions:
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if grad_filter_eps is not None and not (isinstance(grad_filter_eps, (int, float)) and 0 < grad_filter_eps < 1):
         raise ValueError(f"grad_filter_eps must lie in (0, 1) or be None, got {grad_filter_eps!r}")
-    return _KernelOptions(chunk_size, bool(deterministic), grad_filter_eps)
+    if grad_filter_eps is not None and backend == "split":
+        raise ValueError("grad_filter_eps: the split backend is always exact; gradient filtering is "
+                         "backend='triton' only")
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
+    return _KernelOptions(chunk_size, bool(deterministic), grad_filter_eps, fp32_precision)
 
 
 def _sequence_sums(backend, logps, lpref, weights, contrastive, weight_transform, transform_kwargs, rows: _Rows,
                    token_kl, kl, log_collision=None):
     """Per-sequence sums of the response rows: Triton's segment-sum kernels (the weight transform
     evaluated in the kernel) or ``reference.sequence_sums`` on the torch path (the only one with
-    ``log_collision``, WPO's statistic)."""
-    if backend == "triton":
+    ``log_collision``, WPO's statistic) and on the split path with plain CPU tensors."""
+    if backend == "triton" or (backend == "split" and (logps.device.type == "cuda" or interpreting())):
         from .ops.pair_loss import sequence_sums_unchecked
 
         return sequence_sums_unchecked(logps, lpref, weights, rows.seq_ids, rows.num_seqs, token_kl=token_kl, kl=kl,
@@ -293,7 +318,7 @@ def _check_row_index(row_index, labels, hidden):
 
 
 def fused_linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, backend="auto", chunk_size=None,
-                          deterministic=False, grad_filter_eps=None, row_index=None):
+                          deterministic=False, grad_filter_eps=None, row_index=None, fp32_precision="tf32"):
     """Per-token label log-probs without materialising the logits.
 
     Plain-torch equivalent::
@@ -311,7 +336,7 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
         row_index: ``[n]`` int32/int64 or None: explicit rows of ``hidden.reshape(-1, D)`` whose log-probs are
             wanted (a row may appear several times, e.g. a shared prompt's last row predicting the first token of
             two responses, see ``tisdpo.prefix``); its gradients add up.
-        backend, chunk_size, deterministic, grad_filter_eps: as in :func:`fused_tis_dpo_loss`.
+        backend, chunk_size, deterministic, grad_filter_eps, fp32_precision: as in :func:`fused_tis_dpo_loss`.
     Returns:
         ``[...]`` (``[n]`` with ``row_index``) float32 (float64 for float64 inputs), 0 at ignored positions;
         differentiable w.r.t. hidden, weight and bias.
@@ -320,8 +345,8 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
         _check_linear(hidden, weight, bias, labels, ignore_index)
     else:
         _check_linear(_check_row_index(row_index, labels, hidden), weight, bias, labels, ignore_index)
-    backend = _resolve_backend(backend, hidden.device)
-    opts = _kernel_options(chunk_size, deterministic, grad_filter_eps)
+    backend = _resolve_backend(backend, hidden.device, weight.shape[1], grad_filter_eps is not None)
+    opts = _kernel_options(chunk_size, deterministic, grad_filter_eps, fp32_precision, backend)
     flat = labels.reshape(-1)
     index = (flat != ignore_index).nonzero().squeeze(1)
     hidden_index = index if row_index is None else row_index.to(torch.long)[index]
@@ -337,7 +362,7 @@ def fused_tis_dpo_loss(
     token_weights=None, contrastive_logps=None, weight_transform="origin", transform_kwargs=None,
     beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0, loss_weights=None, discopop_tau=0.05,
     ld_alpha=None, use_weighting=False, ignore_index=-100, cu_seqlens=None, backend="auto", chunk_size=None,
-    deterministic=False, grad_filter_eps=None, row_index=None, group=None,
+    deterministic=False, grad_filter_eps=None, row_index=None, group=None, fp32_precision="tf32",
 ):
     """TIS-DPO / DPO / TDPO loss from last hidden states, never materialising ``[tokens, V]`` logits.
 
@@ -381,18 +406,23 @@ def fused_tis_dpo_loss(
             first). ``ref_hidden`` stays shaped like ``hidden`` and is gathered with the same rows; ``ref_logps``,
             ``token_weights`` and ``contrastive_logps`` are shaped like ``labels``. The result equals the packed
             call on ``hidden.reshape(-1, D)[row_index]``; gradients of a repeated row add up.
-        backend: ``"auto"`` | ``"torch"`` | ``"triton"``. chunk_size: rows per chunk of the torch path.
+        backend: ``"auto"`` | ``"torch"`` | ``"split"`` | ``"triton"`` (see the module docstring; ``"auto"``
+            on CUDA picks by the hidden size from ``ops._config.AUTO_BACKENDS``, and ``"triton"`` whenever
+            ``grad_filter_eps`` is set). chunk_size: rows per chunk of the torch path.
         deterministic: Triton only: an atomic-free, bit-reproducible backward (about 1.3x its FLOPs); the
-            torch path is always deterministic.
+            torch and split paths are always deterministic (at no cost).
         grad_filter_eps: Triton only: skip the gradient matmuls of vocabulary tiles whose probabilities all
             stay below it and that hold no label (e.g. ``2**-12``, below bf16 resolution; an approximation).
-            ``None`` (default): exact. The torch path is always exact.
+            ``None`` (default): exact. The torch and split paths are always exact.
         group: a ``torch.distributed.ProcessGroup`` across which each sequence's rows are split (context
             parallelism): every rank passes its own rows of the same 2B sequences (its slice of ``cu_seqlens``
             or of the padded ``T``; a rank may hold no row of a sequence), the per-sequence sums are all-reduced
             before the pair loss, and every rank returns the global loss and metrics. Each rank's rows get the
             gradient of that global loss; sum (do not average) parameter gradients over the group. See
             ``tisdpo_kernels.distributed``.
+        fp32_precision: fp32 inputs on CUDA: ``"tf32"`` (default; tensor cores, 10-bit mantissa products,
+            fp32 accumulation) or ``"ieee"`` (full fp32 products, several times slower). Half-precision
+            inputs and the torch path are unaffected.
     Returns:
         ``(loss, metrics)``: scalar loss (float32, float64 for float64 inputs) and a dict of detached
         scalars averaged over pairs: ``rewards/{chosen,rejected,margins,accuracies}``,
@@ -476,13 +506,13 @@ def fused_tis_dpo_loss(
         if ld_alpha is not None:
             raise ValueError("ld_alpha with group= is not supported: LD-DPO's shared length is a per-rank position "
                              "here, and a sequence's rows are split across the group")
-    backend = _resolve_backend(backend, hidden.device)
-    if use_weighting and backend == "triton":
+    backend = _resolve_backend(backend, hidden.device, weight.shape[1], grad_filter_eps is not None)
+    if use_weighting and backend in ("triton", "split"):
         raise ValueError(
-            "use_weighting=True (WPO) needs log sum_v p(v)^2 of every response token, which the Triton kernels do "
-            "not compute; use backend='torch' (the chunked path computes it in its forward pass)"
+            f"use_weighting=True (WPO) needs log sum_v p(v)^2 of every response token, which backend={backend!r} "
+            "does not compute; use backend='torch' (the chunked path computes it in its forward pass)"
         )
-    opts = _kernel_options(chunk_size, deterministic, grad_filter_eps)
+    opts = _kernel_options(chunk_size, deterministic, grad_filter_eps, fp32_precision, backend)
     rows = _response_rows(labels, cu_seqlens, ignore_index, group)
     hidden_index = rows.index if row_index is None else row_index.to(torch.long)[rows.index]
     h_rows = _gather_rows(hidden, hidden_index)
@@ -536,14 +566,15 @@ class FusedTISDPOLoss(torch.nn.Module):
     def __init__(self, *, beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0, loss_weights=None,
                  discopop_tau=0.05, ld_alpha=None, use_weighting=False, weight_transform="origin",
                  transform_kwargs=None, ignore_index=-100, backend="auto", chunk_size=None, deterministic=False,
-                 grad_filter_eps=None):
+                 grad_filter_eps=None, fp32_precision="tf32"):
         super().__init__()
         self.options = dict(beta=beta, alpha=alpha, kl=kl, loss_type=loss_type, label_smoothing=label_smoothing,
                             loss_weights=loss_weights, discopop_tau=discopop_tau, ld_alpha=ld_alpha,
                             use_weighting=use_weighting,
                             weight_transform=weight_transform, transform_kwargs=transform_kwargs,
                             ignore_index=ignore_index, backend=backend, chunk_size=chunk_size,
-                            deterministic=deterministic, grad_filter_eps=grad_filter_eps)
+                            deterministic=deterministic, grad_filter_eps=grad_filter_eps,
+                            fp32_precision=fp32_precision)
 
     def forward(self, hidden, weight, labels, **tensors):
         return fused_tis_dpo_loss(hidden, weight, labels, **tensors, **self.options)

@@ -37,8 +37,8 @@ def _as64(kw):
             for k, v in kw.items()}
 
 
-def _check(kw, opts):
-    ours = _run(fused_tis_dpo_loss, kw, backend="triton", **opts)
+def _check(kw, opts, backend="triton"):
+    ours = _run(fused_tis_dpo_loss, kw, backend=backend, **opts)
     same = _run(reference_tis_dpo_loss, kw, **opts)
     truth = _run(reference_tis_dpo_loss, _as64(kw), **opts)
     assert set(ours[1]) == set(truth[1])
@@ -56,6 +56,40 @@ def _check(kw, opts):
 def test_triton_loss_matches_reference(kl, weights, layout, device):
     b = _batch(torch.float32, device)
     _check(_inputs(b, kl, weights, layout, ref="hidden" if kl else "logps"), dict(kl=kl, beta=0.3))
+
+
+@pytest.mark.parametrize("kl,layout", list(itertools.product(KLS, ["padded", "packed"])))
+def test_split_loss_matches_reference(kl, layout, device):
+    """The vocabulary-split backend through the full loss (Triton elementwise passes under the interpreter)."""
+    b = _batch(torch.float32, device)
+    _check(_inputs(b, kl, "token", layout, ref="hidden" if kl else "logps"), dict(kl=kl, beta=0.3), backend="split")
+
+
+def test_split_and_torch_backends_agree_on_bfloat16(device):
+    """bf16 inputs through the split path: fp32 loss, bf16 gradients close to the torch path's."""
+    b = _batch(torch.bfloat16, device)
+    kw = _inputs(b, "tisdpo", "token", "packed")
+    loss_s, _, grads_s = _run(fused_tis_dpo_loss, kw, kl="tisdpo", backend="split")
+    loss_c, _, grads_c = _run(fused_tis_dpo_loss, kw, kl="tisdpo", backend="torch")
+    assert loss_s.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads_s)
+    torch.testing.assert_close(loss_s, loss_c, rtol=1e-3, atol=1e-4)
+    for gs, gc in zip(grads_s, grads_c, strict=True):  # both round to bf16 (eps 2**-8) at different points
+        torch.testing.assert_close(gs.float(), gc.float(), rtol=2e-2, atol=1e-2 * gc.float().abs().max().item())
+
+
+def test_auto_backend_and_split_options(device):
+    from tisdpo_kernels.loss import _resolve_backend
+    from tisdpo_kernels.ops._config import auto_backend
+
+    assert auto_backend(4096) == "split" and auto_backend(2048) == "split" and auto_backend(256) == "triton"
+    assert _resolve_backend("auto", torch.device("cpu"), 4096) == "torch"
+    b = _batch(torch.float32, device)
+    with pytest.raises(ValueError, match="grad_filter_eps"):
+        _run(fused_tis_dpo_loss, _inputs(b, None, "none", "padded", ref="logps"), backend="split",
+             grad_filter_eps=1e-3)
+    with pytest.raises(ValueError, match="fp32_precision"):
+        _run(fused_tis_dpo_loss, _inputs(b, None, "none", "padded", ref="logps"), backend="split",
+             fp32_precision="fast")
 
 
 @pytest.mark.parametrize("transform", ["origin", "threshold", "exp_clamp"])

@@ -47,6 +47,10 @@ class LinearConfig:
     bwd: TileConfig
     fwd_splits: int | None = None
     bwd_splits: int | None = None
+    fwd_kl: TileConfig | None = None  # forward with a KL mode (two logit tiles live); None: ``fwd``
+
+    def forward_tile(self, kl_mode: int) -> TileConfig:
+        return self.fwd if kl_mode == 0 or self.fwd_kl is None else self.fwd_kl
 
 
 def interpreting() -> bool:
@@ -87,8 +91,11 @@ _INTERPRETER = LinearConfig(fwd=TileConfig(32, 128, 64), bwd=TileConfig(32, 128,
 _GPU_BY_D = (
     (1024, LinearConfig(fwd=TileConfig(64, 128, 64, num_warps=4, num_stages=3),
                         bwd=TileConfig(64, 128, 64, num_warps=4, num_stages=2))),
+    # the KL forward holds two [BLOCK_N, BLOCK_V] fp32 logit tiles: at 128 rows it spilled (255 registers,
+    # 264 B with kl="tis", tests/kernels/compile_for_gpu.py); 64 rows keep it in registers
     (None, LinearConfig(fwd=TileConfig(128, 128, 64, num_warps=8, num_stages=3),
-                        bwd=TileConfig(64, 128, 64, num_warps=8, num_stages=2))),
+                        bwd=TileConfig(64, 128, 64, num_warps=8, num_stages=2),
+                        fwd_kl=TileConfig(64, 128, 64, num_warps=8, num_stages=3))),
 )
 
 
@@ -104,10 +111,74 @@ def linear_config(vocab: int, dim: int) -> LinearConfig:
     cfg = next(c for bound, c in _GPU_BY_D if bound is None or dim <= bound)
     if vocab <= _SMALL_VOCAB:
         cfg = LinearConfig(fwd=replace(cfg.fwd, block_v=64), bwd=replace(cfg.bwd, block_v=64),
-                           fwd_splits=cfg.fwd_splits, bwd_splits=cfg.bwd_splits)
+                           fwd_splits=cfg.fwd_splits, bwd_splits=cfg.bwd_splits,
+                           fwd_kl=None if cfg.fwd_kl is None else replace(cfg.fwd_kl, block_v=64))
     return cfg
 
 
 # A launch aims for this many programs per streaming multiprocessor before the forward splits the
 # vocabulary across programs (each split writes a partial log-sum-exp, merged on the host side).
 TARGET_WAVES = 4
+# The all-Triton forward splits the vocabulary at least this many ways, on the fast grid axis: the
+# programs that run together then share a few ``hidden`` row panels in L2 instead of each streaming
+# its own (the issue-12 review counted ~141 GB of hidden re-reads at the Llama-3-8B shape otherwise).
+FWD_SPLITS = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# the vocabulary-split path (``linear_split.py``)
+# ----------------------------------------------------------------------------------------------
+
+# Split widths are multiples of this (a GEMM tile edge); at most SPLIT_MAX_COLUMNS (Megatron-LM's
+# Hopper splits are ~3072 columns; wider buys no GEMM efficiency and costs scratch).
+SPLIT_COLUMN_MULTIPLE = 128
+SPLIT_MAX_COLUMNS = 4096
+# Default cap of the split buffers (fp32 logits, dz, the per-split dW accumulator when rows are
+# chunked). At the Llama-3-8B shape (2 x 8192 rows, D=4096, bf16) it gives 2048-column splits, and with
+# the fp32 [n, D] dH accumulator (256 MiB) the extra memory stays under the issue's 0.5 GiB target.
+SPLIT_SCRATCH_BYTES = 192 * 2**20
+
+
+@dataclass(frozen=True)
+class SplitTiles:
+    """Block shapes of the split path's elementwise kernels (rows x columns of one program, warps)."""
+
+    stats_rows: int
+    stats_cols: int
+    stats_warps: int
+    dz_rows: int
+    dz_cols: int
+    dz_warps: int
+
+
+# GPU: ~16 fp32 elements per thread and array, so the KL variants stay far from the register limit.
+_SPLIT_GPU = SplitTiles(stats_rows=4, stats_cols=512, stats_warps=4, dz_rows=16, dz_cols=256, dz_warps=8)
+
+
+def split_tiles(cols: int) -> SplitTiles:
+    """Tiles of the split kernels for a split of ``cols`` columns; the interpreter takes few, large blocks."""
+    if interpreting():
+        width = min(1024, 1 << max(4, (cols - 1).bit_length()))
+        return SplitTiles(stats_rows=32, stats_cols=width, stats_warps=4, dz_rows=32, dz_cols=width, dz_warps=4)
+    return _SPLIT_GPU
+
+
+# ----------------------------------------------------------------------------------------------
+# backend="auto" on CUDA
+# ----------------------------------------------------------------------------------------------
+
+# The backend expected fastest, keyed by the hidden-size bucket (upper bound of D, inclusive). Not
+# measured yet: from the byte count of benchmarks/README.md ("Why the split path"). The split path
+# pays a fp32 logits round trip, about 658/D of the forward and 384/D of the backward GEMM time on an
+# H200 (bf16); the all-Triton kernels pay their fp32 atomics, ~3x the backward GEMM time at any D. So
+# the all-Triton kernels are expected to win only below D=512 (toy models). Replace by measured figures
+# from benchmarks/gpu_check.sh once they exist.
+AUTO_BACKENDS = (
+    (511, "triton"),
+    (None, "split"),
+)
+
+
+def auto_backend(dim: int | None) -> str:
+    """``"split"`` or ``"triton"``: the backend ``AUTO_BACKENDS`` expects fastest for hidden size ``dim``."""
+    return next(b for bound, b in AUTO_BACKENDS if bound is None or (dim is not None and dim <= bound))

@@ -20,7 +20,16 @@ from __future__ import annotations
 
 import torch
 
-from .linear_logprobs import KL_MODES, LinearParams, RefHead, _unit_stride, check_head, linear_backward, linear_forward
+from .linear_logprobs import (
+    KL_MODES,
+    LinearParams,
+    RefHead,
+    _check_precision,
+    _unit_stride,
+    check_head,
+    linear_backward,
+    linear_forward,
+)
 
 # ----------------------------------------------------------------------------------------------
 # autograd
@@ -55,7 +64,7 @@ class LinearKLFunction(torch.autograd.Function):
 
 
 def triton_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=None, ref_bias=None, *,
-                     deterministic=False, filter_eps=None, config=None):
+                     deterministic=False, filter_eps=None, config=None, fp32_precision="tf32"):
     """``(logps, ref_logps, token_kl)``, each ``[n]`` float32, with fused Triton kernels (no ``[n, V]`` logits).
 
     Plain-torch equivalent::
@@ -72,7 +81,7 @@ def triton_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=
         ref_hidden: ``[n, D_ref]``; ref_weight ``[V, D_ref]``; ref_bias ``[V]`` or None, same dtype as
             ``hidden``. Treated as constants (no gradient flows into them).
         mode: ``"tis"`` or ``"tdpo"``.
-        deterministic, filter_eps, config: as in ``triton_linear_logprobs``.
+        deterministic, filter_eps, config, fp32_precision: as in ``triton_linear_logprobs``.
     Returns:
         ``(logps, ref_logps, token_kl)``: ``logps`` and ``token_kl`` differentiable w.r.t. the policy's
         hidden, weight and bias; ``ref_logps`` non-differentiable.
@@ -89,7 +98,8 @@ def triton_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=
         raise ValueError(f"ref_hidden has {ref_hidden.shape[0]} rows but hidden has {hidden.shape[0]}")
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"ref_weight has vocabulary {ref_weight.shape[0]} but weight has {weight.shape[0]}")
-    params = LinearParams(kl_mode=KL_MODES[mode], config=config, deterministic=deterministic, filter_eps=filter_eps)
+    params = LinearParams(kl_mode=KL_MODES[mode], config=config, deterministic=deterministic, filter_eps=filter_eps,
+                          fp32_precision=_check_precision(fp32_precision))
     # hidden and weight may be strided views; the kernels index labels and biases with unit stride
     return LinearKLFunction.apply(hidden, weight, _unit_stride(bias), labels.contiguous(), ref_hidden.detach(),
                                   ref_weight.detach(), _unit_stride(None if ref_bias is None else ref_bias.detach()),

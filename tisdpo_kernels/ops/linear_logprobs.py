@@ -10,6 +10,11 @@ it saves only the per-row log-sum-exp. The backward recomputes each logit tile f
 The kernels here also serve ``linear_kl.py``: ``KL_MODE`` (0 none, 1 ``KL(p_theta || p_ref)``,
 2 ``KL(p_ref || p_theta)``) adds the reference model's tiles and the KL accumulator / gradient.
 
+Since issue 12 these all-Triton kernels are ``backend="triton"``: ``backend="auto"`` picks them on CUDA
+only below D=512 (``_config.AUTO_BACKENDS``; their fp32 atomics cost ~3x the backward GEMM time at any D,
+by the review's byte count) and whenever gradient filtering is asked for; ``linear_split.py`` is the
+default elsewhere. fp32 inputs use tf32 ``tl.dot`` unless ``fp32_precision="ieee"``.
+
 Limits: fp32, fp16 and bf16 inputs (float64 raises ``TypeError``: use the torch path); accumulation
 in fp32; gradients returned in the input dtype, accumulated in fp32 buffers ``[n, D]`` and ``[V, D]``
 (for bf16 inputs these are extra memory: 2 GiB for a Llama-3-8B head). Offsets are formed in 64-bit
@@ -33,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import TARGET_WAVES, LinearConfig, interpreting, linear_config
+from ._config import FWD_SPLITS, TARGET_WAVES, LinearConfig, interpreting, linear_config
 
 KL_MODES = {None: 0, "tis": 1, "tdpo": 2}
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -94,9 +99,12 @@ def _linear_fwd_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Program (row block, vocabulary split): online log-sum-exp over the split's tiles."""
-    split = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Program (vocabulary split, row block): online log-sum-exp over the split's tiles.
+
+    The split is the fast grid axis, so the programs that run at the same time share a few row blocks
+    (their ``hidden`` panels stay in L2) and stream different parts of the weight."""
+    split = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int32)  # < V < 2**31
     v_lo = split * tiles_per_split * BLOCK_V
@@ -276,12 +284,14 @@ class LinearParams:
     ``kl_mode``: 0 (log-probs only), 1 (``KL(p_theta || p_ref)``), 2 (``KL(p_ref || p_theta)``).
     ``config``: tile shapes (``None``: ``_config.linear_config(V, D)``). ``deterministic``: atomic-free
     backward. ``filter_eps``: skip gradient tiles whose probabilities are all below it (``None``: off).
+    ``fp32_precision``: ``tl.dot`` precision for fp32 inputs, ``"tf32"`` (tensor cores) or ``"ieee"``.
     """
 
     kl_mode: int = 0
     config: LinearConfig | None = None
     deterministic: bool = False
     filter_eps: float | None = None
+    fp32_precision: str = "tf32"
 
 
 @dataclass(frozen=True)
@@ -304,8 +314,10 @@ class ForwardStats:
     kl: torch.Tensor | None = None
 
 
-def check_head(hidden, weight, bias, labels=None, prefix=""):
-    """Validate one head's tensors for the Triton kernels (raises TypeError / ValueError naming the argument)."""
+def check_head(hidden, weight, bias, labels=None, prefix="", triton_device=True):
+    """Validate one head's tensors for the Triton kernels (raises TypeError / ValueError naming the argument).
+
+    ``triton_device=False`` skips the CUDA-or-interpreter check (for paths that also run on plain CPU)."""
     for name, t in ((f"{prefix}hidden", hidden), (f"{prefix}weight", weight), (f"{prefix}bias", bias)):
         if t is None and name.endswith("bias"):
             continue
@@ -318,7 +330,7 @@ def check_head(hidden, weight, bias, labels=None, prefix=""):
             raise TypeError(f"{name} has dtype {t.dtype} but {prefix}hidden has {hidden.dtype}")
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but {prefix}hidden is on {hidden.device}")
-    if hidden.device.type != "cuda" and not interpreting():
+    if triton_device and hidden.device.type != "cuda" and not interpreting():
         raise ValueError(f"{prefix}hidden is on {hidden.device}: the Triton kernels need CUDA tensors, or "
                          "TRITON_INTERPRET=1 set before triton is imported for CPU tensors")
     if hidden.dim() != 2 or weight.dim() != 2:
@@ -342,15 +354,24 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Meta tensors stand in for CUDA ones in the compile check (tests/kernels/compile_for_gpu.py): an H100/H200.
+_META_SMS = 132
+
+
 def _target_programs(device: torch.device) -> int:
+    if device.type == "meta":
+        return TARGET_WAVES * _META_SMS
     if device.type != "cuda":
         return 1
     return TARGET_WAVES * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _kernel_flags(dtype: torch.dtype) -> dict:
+def _kernel_flags(dtype: torch.dtype, fp32_precision: str = "tf32") -> dict:
+    """``UPCAST`` / ``DOT_PRECISION`` of a launch. fp32 inputs use tf32 tensor cores unless ``fp32_precision``
+    says ``"ieee"`` (compiled, ``ieee`` is an FFMA loop several times slower, so never the silent default);
+    the interpreter is always exact."""
     upcast = interpreting() and dtype == torch.bfloat16
-    ieee = interpreting() or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    ieee = interpreting() or (dtype == torch.float32 and fp32_precision == "ieee")
     return dict(UPCAST=upcast, DOT_PRECISION="ieee" if ieee else "tf32")
 
 
@@ -375,10 +396,15 @@ def linear_forward(hidden, weight, bias, labels, params: LinearParams, ref: RefH
         empty = torch.empty(0, dtype=torch.float32, device=dev)
         return ForwardStats(empty, empty, *((empty,) * 3 if ref is not None else ()))
     cfg = _resolve_config(params, weight)
-    tile = cfg.fwd
+    tile = cfg.forward_tile(params.kl_mode)
     row_blocks = triton.cdiv(n, tile.block_n)
     v_tiles = triton.cdiv(vocab, tile.block_v)
-    splits = cfg.fwd_splits or max(1, _target_programs(dev) // row_blocks)
+    if cfg.fwd_splits:
+        splits = cfg.fwd_splits
+    elif dev.type == "cpu":  # the interpreter: one program per row block
+        splits = 1
+    else:  # at least FWD_SPLITS (side by side on one row block), more if few row blocks leave SMs idle
+        splits = max(FWD_SPLITS, _target_programs(dev) // row_blocks)
     tiles_per_split = triton.cdiv(v_tiles, min(splits, v_tiles))
     splits = triton.cdiv(v_tiles, tiles_per_split)  # every split covers at least one tile
     kl = params.kl_mode != 0
@@ -388,12 +414,13 @@ def linear_forward(hidden, weight, bias, labels, params: LinearParams, ref: RefH
     else:  # never touched by the kernel (KL_MODE=0): any fp32 buffers do
         rm, rs, ref_label_logit, kl_acc = m, s, label_logit, m
     (rh, rw, rb), d_ref, ref_strides, has_ref_bias = _ref_args(ref, hidden, weight, bias)
-    _linear_fwd_kernel[(row_blocks, splits)](
+    _linear_fwd_kernel[(splits, row_blocks)](
         hidden, weight, bias, labels, rh, rw, rb,
         m, s, label_logit, rm, rs, ref_label_logit, kl_acc,
         n, vocab, d, d_ref, tiles_per_split,
         *hidden.stride(), *weight.stride(), *ref_strides,
-        HAS_BIAS=bias is not None, HAS_REF_BIAS=has_ref_bias, KL_MODE=params.kl_mode, **_kernel_flags(hidden.dtype),
+        HAS_BIAS=bias is not None, HAS_REF_BIAS=has_ref_bias, KL_MODE=params.kl_mode,
+        **_kernel_flags(hidden.dtype, params.fp32_precision),
         BLOCK_N=tile.block_n, BLOCK_V=tile.block_v, BLOCK_D=tile.block_d,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
@@ -452,7 +479,8 @@ def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: Linea
                 n, vocab, d, d_ref, inner_per_split, params.filter_eps or 0.0,
                 *hidden.stride(), *weight.stride(), *ref_strides,
                 HAS_BIAS=bias is not None, HAS_REF_BIAS=has_ref_bias, KL_MODE=params.kl_mode,
-                HAS_GRAD_KL=has_grad_kl, FILTER=params.filter_eps is not None, **_kernel_flags(hidden.dtype), **mode,
+                HAS_GRAD_KL=has_grad_kl, FILTER=params.filter_eps is not None,
+                **_kernel_flags(hidden.dtype, params.fp32_precision), **mode,
                 BLOCK_N=tile.block_n, BLOCK_V=tile.block_v, BLOCK_D=tile.block_d,
                 num_warps=tile.num_warps, num_stages=tile.num_stages,
             )
@@ -503,7 +531,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def triton_linear_logprobs(hidden, weight, labels, bias=None, *, deterministic=False, filter_eps=None, config=None):
+def triton_linear_logprobs(hidden, weight, labels, bias=None, *, deterministic=False, filter_eps=None, config=None,
+                           fp32_precision="tf32"):
     """Label log-probs of response rows with fused Triton kernels (no ``[n, V]`` logits).
 
     Plain-torch equivalent::
@@ -517,13 +546,21 @@ def triton_linear_logprobs(hidden, weight, labels, bias=None, *, deterministic=F
         deterministic: atomic-free, bit-reproducible backward (about 1.3x the backward FLOPs).
         filter_eps: skip gradient tiles whose probabilities all stay below this (e.g. ``2**-12``); None = exact.
         config: a ``_config.LinearConfig`` overriding the checked-in tile shapes.
+        fp32_precision: fp32 inputs: ``"tf32"`` tensor-core dots (default) or ``"ieee"`` (FFMA, exact products).
     Returns:
         ``[n]`` float32, differentiable w.r.t. hidden, weight and bias (gradients in their dtype).
     """
     check_head(hidden, weight, bias, labels)
-    params = LinearParams(kl_mode=0, config=config, deterministic=deterministic, filter_eps=filter_eps)
+    params = LinearParams(kl_mode=0, config=config, deterministic=deterministic, filter_eps=filter_eps,
+                          fp32_precision=_check_precision(fp32_precision))
     # hidden and weight may be strided views; the kernels index labels and bias with unit stride
     return LinearLogprobsFunction.apply(hidden, weight, _unit_stride(bias), labels.contiguous(), params)
+
+
+def _check_precision(fp32_precision):
+    if fp32_precision not in ("tf32", "ieee"):
+        raise ValueError(f"fp32_precision must be 'tf32' or 'ieee', got {fp32_precision!r}")
+    return fp32_precision
 
 
 def _unit_stride(t):

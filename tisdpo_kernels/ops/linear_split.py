@@ -1,0 +1,615 @@
+"""Vocabulary-split LM head (``backend="split"``): label log-probs, optional two-model KL, fwd + bwd.
+
+Computes what ``linear_logprobs.py`` / ``linear_kl.py`` compute (per-row ``logps``, ``lse`` and, with a
+reference head, ``ref_logps`` and the token KL of DESIGN §1) one vocabulary split of ``S`` columns at a
+time, with the large products on the vendor GEMM and the elementwise work in one Triton pass:
+
+- forward, per split ``s`` (and per row chunk when ``n x S`` alone passes the scratch cap):
+  ``z = H W_s^T`` (fp32 accumulate, fp32 result), then ``_split_stats_kernel`` merges the split into
+  per-row statistics (online max / sum of exp, label logit, KL accumulator). Only ``[n]`` vectors
+  survive between splits.
+- backward, per split: recompute ``z`` (and the reference's ``z_ref`` with a KL mode), one
+  ``_split_dz_kernel`` pass forms ``dz = g (onehot - p)`` plus the KL term (TIS ``g_kl p (log p - log q -
+  KL)``, TDPO ``g_kl (p - q)``) in the input dtype, then ``dH += dz W_s`` into one fp32 ``[n, D]``
+  buffer and ``dW[s] = dz^T H`` written once, straight in the output dtype (``dbias[s]`` likewise).
+  No fp32 ``[V, D]`` buffer, no atomics: every output element is written by one GEMM or one program in
+  a fixed order, so the gradients are bit-reproducible by construction (``deterministic`` is free).
+
+GEMMs: ``torch.mm`` / ``torch.addmm`` (cuBLAS on CUDA) with ``out_dtype=torch.float32`` for fp16/bf16
+operands where the installed torch supports it on the device (probed once per device, torch >= 2.8 on
+CUDA); the logits then come out of the tensor cores in fp32 without a bf16 rounding, and ``dH``
+accumulates in fp32 in place. Why cuBLAS and not a Triton GEMM with the elementwise work in its
+epilogue: cuBLAS reaches the measured GEMM ceiling at these shapes on Hopper without any tuning of
+ours, the fp32 logits round trip it costs is bounded (see ``benchmarks/README.md``, "byte count"), and
+it keeps this file free of a second GEMM to maintain; the epilogue variant stays an option once GPU
+figures exist. Fallback where ``out_dtype`` is missing (CPU, older torch): the split's operands are
+upcast to fp32 and multiplied in fp32 (tf32 on CUDA) -- correct, slower, and said in ``split_backend``.
+fp32 inputs: tf32 tensor cores on CUDA by default; ``fp32_precision="ieee"`` asks for full fp32 GEMMs.
+
+Scratch: per call at most ``scratch_bytes`` (default ``_config.SPLIT_SCRATCH_BYTES``) for the split's
+logits, ``dz`` and, when rows are chunked, one fp32 ``[S, D]`` weight-gradient accumulator; plus the fp32
+``[n, D]`` ``dH`` accumulator and ``[n]`` statistics. ``split_plan`` picks ``S`` (a multiple of 128) and
+the row chunk from the cap. Offsets in the kernels are 64-bit. Elementwise work runs in Triton on CUDA
+and under ``TRITON_INTERPRET=1``; on plain CPU tensors the same algorithm runs with torch elementwise ops
+(``elementwise="torch"``), so this backend runs anywhere.
+
+Tested in ``tests/kernels/test_linear_split.py`` (interpreter, fp32/fp16/bf16 against ``reference.py``,
+determinism, the scratch cap at 2 x 4096 tokens) and through the full loss in
+``tests/kernels/test_loss_triton.py``; compiled for sm_90a in ``tests/kernels/test_gpu_compile.py``.
+Not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import SPLIT_COLUMN_MULTIPLE, SPLIT_MAX_COLUMNS, SPLIT_SCRATCH_BYTES, interpreting, split_tiles
+from .linear_logprobs import KL_MODES, ForwardStats, RefHead, _offsets64, _unit_stride, check_head
+
+FP32_PRECISIONS = ("tf32", "ieee")
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _split_stats_kernel(
+    # this split's fp32 logits [rows, cols] (contiguous); the reference's with a KL mode; biases [V]
+    z_ptr, zr_ptr, b_ptr, rb_ptr, labels_ptr,
+    # per-row running statistics [n] fp32, read and updated in place
+    m_ptr, s_ptr, label_ptr, rm_ptr, rs_ptr, ref_label_ptr, acc_ptr,
+    # where the block sits: rows [row0, row0 + rows) of n, columns [v0, v0 + cols) of V
+    rows, cols, row0, v0,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, KL_MODE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Program = BLOCK_R rows: fold this split's columns into the rows' online log-sum-exp statistics."""
+    local = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = local < rows
+    rows_g = row0 + local
+    labels = tl.load(labels_ptr + rows_g, mask=row_mask, other=-1).to(tl.int32)  # < V < 2**31
+    m = tl.load(m_ptr + rows_g, mask=row_mask, other=float("-inf"))
+    s = tl.load(s_ptr + rows_g, mask=row_mask, other=0.0)
+    label_logit = tl.load(label_ptr + rows_g, mask=row_mask, other=0.0)
+    if KL_MODE != 0:
+        rm = tl.load(rm_ptr + rows_g, mask=row_mask, other=float("-inf"))
+        rs = tl.load(rs_ptr + rows_g, mask=row_mask, other=0.0)
+        ref_label_logit = tl.load(ref_label_ptr + rows_g, mask=row_mask, other=0.0)
+        acc = tl.load(acc_ptr + rows_g, mask=row_mask, other=0.0)
+    base = _offsets64(local, cols)[:, None]  # rows x cols passes 2**31 at large caps
+    for c0 in range(0, cols, BLOCK_S):
+        c = c0 + tl.arange(0, BLOCK_S)
+        col_mask = c < cols
+        mask = row_mask[:, None] & col_mask[None, :]
+        z = tl.load(z_ptr + base + c[None, :], mask=mask, other=0.0)
+        if HAS_BIAS:
+            z += tl.load(b_ptr + v0 + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        hit = (v0 + c)[None, :] == labels[:, None]
+        label_logit += tl.sum(tl.where(hit & mask, z, 0.0), 1)
+        z_lse = tl.where(mask, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z_lse, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # masked rows: keep exp() finite
+        scale = tl.exp(m - m_safe)
+        e = tl.exp(z_lse - m_safe[:, None])  # 0 where masked
+        s = s * scale + tl.sum(e, 1)
+        m = m_new
+        if KL_MODE != 0:
+            zr = tl.load(zr_ptr + base + c[None, :], mask=mask, other=0.0)
+            if HAS_REF_BIAS:
+                zr += tl.load(rb_ptr + v0 + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            ref_label_logit += tl.sum(tl.where(hit & mask, zr, 0.0), 1)
+            zr_lse = tl.where(mask, zr, float("-inf"))
+            rm_new = tl.maximum(rm, tl.max(zr_lse, 1))
+            rm_safe = tl.where(rm_new == float("-inf"), 0.0, rm_new)
+            ref_scale = tl.exp(rm - rm_safe)
+            er = tl.exp(zr_lse - rm_safe[:, None])
+            rs = rs * ref_scale + tl.sum(er, 1)
+            rm = rm_new
+            diff = z - zr  # finite; e and er are 0 where masked
+            if KL_MODE == 1:  # A = sum_v exp(z - m) (z - z_ref); KL = A/S - lse + lse_ref
+                acc = acc * scale + tl.sum(e * diff, 1)
+            else:  # A = sum_v exp(z_ref - m_ref) (z_ref - z); KL = A/S_ref - lse_ref + lse
+                acc = acc * ref_scale - tl.sum(er * diff, 1)
+    tl.store(m_ptr + rows_g, m, mask=row_mask)
+    tl.store(s_ptr + rows_g, s, mask=row_mask)
+    tl.store(label_ptr + rows_g, label_logit, mask=row_mask)
+    if KL_MODE != 0:
+        tl.store(rm_ptr + rows_g, rm, mask=row_mask)
+        tl.store(rs_ptr + rows_g, rs, mask=row_mask)
+        tl.store(ref_label_ptr + rows_g, ref_label_logit, mask=row_mask)
+        tl.store(acc_ptr + rows_g, acc, mask=row_mask)
+
+
+@triton.jit
+def _split_dz_kernel(
+    # this split's fp32 logits [rows, cols] (and the reference's); biases [V]; labels [n]
+    z_ptr, zr_ptr, b_ptr, rb_ptr, labels_ptr,
+    # saved per-row statistics and upstream gradients, each [n] fp32
+    lse_ptr, g_ptr, ref_lse_ptr, kl_ptr, gk_ptr,
+    # outputs: dz [rows, cols] in the input dtype (may alias z_ptr for fp32 inputs: same element, same
+    # program); with HAS_DB the fp32 column sums of this tile's dz, [row tiles, cols]
+    dz_ptr, db_ptr,
+    rows, cols, row0, v0,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, KL_MODE: tl.constexpr, HAS_GRAD_KL: tl.constexpr,
+    HAS_DB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Program = one [BLOCK_R, BLOCK_S] tile: ``dz = g (onehot - p)`` (+ the KL term), written once; the
+    bias gradient's partial sums come from the fp32 ``dz`` (before its rounding to the input dtype)."""
+    local = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    row_mask = local < rows
+    col_mask = c < cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows_g = row0 + local
+    offs = _offsets64(local, cols)[:, None] + c[None, :]
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + v0 + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    labels = tl.load(labels_ptr + rows_g, mask=row_mask, other=-1).to(tl.int32)
+    g = tl.load(g_ptr + rows_g, mask=row_mask, other=0.0)
+    logp = z - tl.load(lse_ptr + rows_g, mask=row_mask, other=0.0)[:, None]
+    p = tl.where(mask, tl.exp(logp), 0.0)
+    hit = (v0 + c)[None, :] == labels[:, None]
+    dz = tl.where(hit, g[:, None], 0.0) - g[:, None] * p
+    if HAS_GRAD_KL:
+        gk = tl.load(gk_ptr + rows_g, mask=row_mask, other=0.0)[:, None]
+        zr = tl.load(zr_ptr + offs, mask=mask, other=0.0)
+        if HAS_REF_BIAS:
+            zr += tl.load(rb_ptr + v0 + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        logq = zr - tl.load(ref_lse_ptr + rows_g, mask=row_mask, other=0.0)[:, None]
+        if KL_MODE == 1:  # d KL(p||q) / dz = p (log p - log q - KL)
+            token_kl = tl.load(kl_ptr + rows_g, mask=row_mask, other=0.0)[:, None]
+            dz += gk * p * (logp - logq - token_kl)
+        else:  # d KL(q||p) / dz = p - q
+            dz += gk * (p - tl.where(mask, tl.exp(logq), 0.0))
+    dz = tl.where(mask, dz, 0.0)  # a column past this split may hold a label of the next one
+    # explicit round-to-nearest-even: the GPU default, but the interpreter truncates fp32 -> bf16 without it
+    tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+    if HAS_DB:
+        tl.store(db_ptr + _offsets64(tl.program_id(0), cols) + c, tl.sum(dz, 0), mask=col_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# plan, GEMMs and the torch elementwise twin (plain CPU)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    """Non-tensor options of one call, passed through ``Function.apply``.
+
+    ``kl_mode``: 0, 1 (tis) or 2 (tdpo). ``scratch_bytes``: cap of the split buffers (None: the default).
+    ``fp32_precision``: ``"tf32"`` or ``"ieee"`` GEMMs for fp32 inputs on CUDA. ``elementwise``:
+    ``"triton"`` or ``"torch"`` for the fused elementwise pass (None: Triton on CUDA and under the
+    interpreter, torch on plain CPU tensors).
+    """
+
+    kl_mode: int = 0
+    scratch_bytes: int | None = None
+    fp32_precision: str = "tf32"
+    elementwise: str | None = None
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """``rows`` per chunk and ``cols`` (S) per vocabulary split; ``chunked``: rows do not fit in one chunk."""
+
+    rows: int
+    cols: int
+    chunked: bool
+
+
+def scratch_bytes_per_element(dtype: torch.dtype, kl: bool, bias: bool = False) -> int:
+    """Scratch bytes per (row, column) of a split: fp32 logits (x2 with the reference head), ``dz`` in the
+    input dtype (none for fp32 inputs: ``dz`` overwrites the logits in place) and, with a bias, 1 byte
+    for the fp32 per-tile column sums of ``dz`` (one row per ``dz`` tile of at least 16 rows: <= 4/16)."""
+    return 4 * (2 if kl else 1) + (0 if dtype == torch.float32 else torch.finfo(dtype).bits // 8) + int(bias)
+
+
+def split_plan(n: int, vocab: int, dim: int, dtype: torch.dtype, kl: bool, cap: int,
+               bias: bool = False) -> SplitPlan:
+    """Split width ``S`` (a multiple of 128, at most ``SPLIT_MAX_COLUMNS``) and rows per chunk such that the
+    split buffers, plus the fp32 ``[S, D]`` weight-gradient accumulator once rows are chunked, fit ``cap``."""
+    per = scratch_bytes_per_element(dtype, kl, bias)
+    unit = SPLIT_COLUMN_MULTIPLE
+    widest = min(SPLIT_MAX_COLUMNS, triton.cdiv(vocab, unit) * unit)
+    cols = min(widest, cap // (max(n, 1) * per) // unit * unit)
+    if cols >= unit:
+        return SplitPlan(rows=max(n, 1), cols=cols, chunked=False)
+    cols = unit
+    rows = (cap - cols * dim * 4) // (cols * per)
+    if rows < 1:
+        raise ValueError(f"scratch_bytes={cap} is too small for one {cols}-column split at D={dim} "
+                         f"(needs at least {cols * (dim * 4 + per)} bytes)")
+    return SplitPlan(rows=min(rows, n), cols=cols, chunked=rows < n)
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Every scratch buffer of this path comes from here (the tests count what it hands out)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.cache
+def _out_dtype_supported(device: torch.device) -> bool:
+    """Whether ``torch.mm/addmm(..., out_dtype=torch.float32)`` works for bf16 operands on ``device``."""
+    if device.type not in ("cuda", "meta"):
+        return False
+    try:
+        a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+        out = torch.zeros(16, 16, dtype=torch.float32, device=device)
+        torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+        torch.mm(a, a, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        if device.type == "cuda":
+            warnings.warn(f"backend='split': torch {torch.__version__} has no torch.mm/addmm(out_dtype=float32) on "
+                          f"{device} ({exc}); half-precision GEMMs fall back to fp32 copies of each split's operands "
+                          "(correct, slower, and beyond the scratch cap by one [S, D] fp32 copy)", stacklevel=3)
+        return False
+    return device.type == "meta" or bool((out == 16).all())
+
+
+def split_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """How the GEMMs run for ``dtype`` operands on ``device`` (for logs and benchmarks)."""
+    if dtype == torch.float32:
+        return "fp32 GEMM (tf32 on CUDA unless fp32_precision='ieee')"
+    if _out_dtype_supported(device):
+        return "torch.mm/addmm(out_dtype=float32) on half-precision operands (cuBLAS on CUDA)"
+    return "fallback: operands upcast to fp32 per split, fp32 GEMM"
+
+
+@contextlib.contextmanager
+def _fp32_matmul(device: torch.device, precision: str):
+    """tf32 (default) or ieee fp32 GEMMs for the duration of the call, whatever the global torch flag."""
+    if device.type != "cuda":
+        yield
+        return
+    flag = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+
+
+def _mm_f32(a, b, out):
+    """``out = a @ b`` in fp32 (``out`` fp32, contiguous)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if _out_dtype_supported(a.device):
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+def _addmm_f32(acc, a, b):
+    """``acc += a @ b`` with ``acc`` fp32."""
+    if a.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    if _out_dtype_supported(a.device):
+        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    return acc.addmm_(a.float(), b.float())
+
+
+def _use_triton(params: SplitParams, device: torch.device) -> bool:
+    if params.elementwise is not None:
+        return params.elementwise == "triton"
+    return device.type == "cuda" or interpreting()
+
+
+def _stats_torch(z, zr, b, rb, labels, st, r0, v0, kl_mode):
+    """The torch twin of ``_split_stats_kernel`` (plain CPU tensors)."""
+    r1, cols = r0 + z.shape[0], z.shape[1]
+    if b is not None:
+        z = z + b[v0:v0 + cols].float()
+    lab = labels[r0:r1] - v0
+    inside = (lab >= 0) & (lab < cols)
+    st["label"][r0:r1] += torch.where(inside, z.gather(1, lab.clamp(0, cols - 1)[:, None])[:, 0], 0.0)
+    m_new = torch.maximum(st["m"][r0:r1], z.max(1).values)
+    scale = torch.exp(st["m"][r0:r1] - m_new)
+    e = torch.exp(z - m_new[:, None])
+    st["s"][r0:r1] = st["s"][r0:r1] * scale + e.sum(1)
+    st["m"][r0:r1] = m_new
+    if kl_mode:
+        if rb is not None:
+            zr = zr + rb[v0:v0 + cols].float()
+        st["ref_label"][r0:r1] += torch.where(inside, zr.gather(1, lab.clamp(0, cols - 1)[:, None])[:, 0], 0.0)
+        rm_new = torch.maximum(st["rm"][r0:r1], zr.max(1).values)
+        ref_scale = torch.exp(st["rm"][r0:r1] - rm_new)
+        er = torch.exp(zr - rm_new[:, None])
+        st["rs"][r0:r1] = st["rs"][r0:r1] * ref_scale + er.sum(1)
+        st["rm"][r0:r1] = rm_new
+        if kl_mode == 1:
+            st["acc"][r0:r1] = st["acc"][r0:r1] * scale + (e * (z - zr)).sum(1)
+        else:
+            st["acc"][r0:r1] = st["acc"][r0:r1] * ref_scale - (er * (z - zr)).sum(1)
+
+
+def _dz_torch(z, zr, b, rb, labels, lse, g, ref_lse, token_kl, gk, dz, r0, v0, kl_mode, db=None):
+    """The torch twin of ``_split_dz_kernel`` (plain CPU tensors)."""
+    r1, cols = r0 + z.shape[0], z.shape[1]
+    if b is not None:
+        z = z + b[v0:v0 + cols].float()
+    logp = z - lse[r0:r1, None]
+    p = torch.exp(logp)
+    out = -g[r0:r1, None] * p
+    lab = labels[r0:r1] - v0
+    inside = (lab >= 0) & (lab < cols)
+    out.scatter_add_(1, lab.clamp(0, cols - 1)[:, None], torch.where(inside, g[r0:r1], 0.0)[:, None])
+    if gk is not None:
+        if rb is not None:
+            zr = zr + rb[v0:v0 + cols].float()
+        logq = zr - ref_lse[r0:r1, None]
+        if kl_mode == 1:
+            out += gk[r0:r1, None] * p * (logp - logq - token_kl[r0:r1, None])
+        else:
+            out += gk[r0:r1, None] * (p - torch.exp(logq))
+    dz.copy_(out)
+    if db is not None:
+        torch.sum(out, 0, out=db)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _plan(params: SplitParams, hidden, weight, bias) -> SplitPlan:
+    cap = SPLIT_SCRATCH_BYTES if params.scratch_bytes is None else params.scratch_bytes
+    return split_plan(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype, params.kl_mode != 0, cap,
+                      bias is not None)
+
+
+def _blocks(n_rows, vocab, plan):
+    """``(r0, r1, v0, v1)`` of every (row chunk, split), splits outer: a split's weights are read once."""
+    for v0 in range(0, vocab, plan.cols):
+        for r0 in range(0, n_rows, plan.rows):
+            yield r0, min(r0 + plan.rows, n_rows), v0, min(v0 + plan.cols, vocab)
+
+
+def split_forward(hidden, weight, bias, labels, params: SplitParams, ref: RefHead | None = None) -> ForwardStats:
+    """Forward launcher: per-row ``logps`` and ``lse`` (plus ``ref_logps``, ``ref_lse`` and the token KL with
+    ``ref``), each ``[n]`` fp32, one vocabulary split at a time."""
+    n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
+    kl = params.kl_mode != 0
+    names = ("m", "s", "label", "rm", "rs", "ref_label", "acc") if kl else ("m", "s", "label")
+    st = {k: _alloc((n,), torch.float32, dev) for k in names}
+    for k in names:
+        st[k].fill_(float("-inf") if k in ("m", "rm") else 0.0)
+    if n == 0:
+        empty = st["m"]
+        return ForwardStats(empty, empty, *((empty,) * 3 if kl else ()))
+    plan = _plan(params, hidden, weight, bias)
+    zbuf = _alloc((plan.rows * plan.cols,), torch.float32, dev)
+    zrbuf = _alloc((plan.rows * plan.cols,), torch.float32, dev) if kl else None
+    use_triton = _use_triton(params, dev)
+    tiles = split_tiles(plan.cols)
+    with _fp32_matmul(dev, params.fp32_precision):
+        for r0, r1, v0, v1 in _blocks(n, vocab, plan):
+            z = _mm_f32(hidden[r0:r1], weight[v0:v1].T, zbuf[:(r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0))
+            zr = None
+            if kl:
+                zr = _mm_f32(ref.hidden[r0:r1], ref.weight[v0:v1].T,
+                             zrbuf[:(r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0))
+            if use_triton:
+                _split_stats_kernel[(triton.cdiv(r1 - r0, tiles.stats_rows),)](
+                    z, z if zr is None else zr, _or(bias, z), _or(ref.bias if kl else None, z), labels,
+                    st["m"], st["s"], st["label"], *((st["rm"], st["rs"], st["ref_label"], st["acc"]) if kl
+                                                     else (st["m"],) * 4),
+                    r1 - r0, v1 - v0, r0, v0,
+                    HAS_BIAS=bias is not None, HAS_REF_BIAS=kl and ref.bias is not None, KL_MODE=params.kl_mode,
+                    BLOCK_R=tiles.stats_rows, BLOCK_S=tiles.stats_cols, num_warps=tiles.stats_warps,
+                )
+            else:
+                _stats_torch(z, zr, bias, ref.bias if kl else None, labels, st, r0, v0, params.kl_mode)
+    lse = st["m"] + torch.log(st["s"])
+    if not kl:
+        return ForwardStats(st["label"] - lse, lse)
+    ref_lse = st["rm"] + torch.log(st["rs"])
+    if params.kl_mode == 1:  # KL(p||q) = A/S - lse + lse_ref
+        token_kl = st["acc"] / st["s"] - lse + ref_lse
+    else:  # KL(q||p) = A/S_ref - lse_ref + lse
+        token_kl = st["acc"] / st["rs"] - ref_lse + lse
+    return ForwardStats(st["label"] - lse, lse, st["ref_label"] - ref_lse, ref_lse, token_kl)
+
+
+def _or(t, placeholder):
+    return placeholder if t is None else t
+
+
+def split_backward(hidden, weight, bias, labels, lse, grad_logps, params: SplitParams, needs=(True, True, True),
+                   ref: RefHead | None = None, ref_lse=None, token_kl=None, grad_kl=None):
+    """Backward launcher: ``(d_hidden, d_weight, d_bias)`` in the input dtype (None where not needed).
+
+    ``grad_logps`` / ``grad_kl``: upstream ``[n]`` gradients (None = zero); with a KL mode ``ref``,
+    ``ref_lse`` and ``token_kl`` come from the forward. Atomic-free, bit-reproducible.
+    """
+    need_h, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
+    n, d = hidden.shape
+    vocab, dev = weight.shape[0], hidden.device
+    has_grad_kl = params.kl_mode != 0 and grad_kl is not None
+    active = n > 0 and (grad_logps is not None or has_grad_kl)
+    d_hidden = _alloc((n, d), torch.float32, dev).zero_() if need_h else None
+    # outputs, contiguous whatever the inputs' strides: every row of dW is written once below
+    d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=dev) if need_w else None
+    d_bias = torch.empty_like(bias) if need_b else None
+    if not active:
+        if d_weight is not None:
+            d_weight.zero_()
+        if d_bias is not None:
+            d_bias.zero_()
+        return (None if d_hidden is None else d_hidden.to(hidden.dtype), d_weight, d_bias)
+    zeros = _alloc((n,), torch.float32, dev).zero_()  # placeholder of absent upstream gradients
+    g = zeros if grad_logps is None else grad_logps.to(torch.float32).contiguous()
+    gk = grad_kl.to(torch.float32).contiguous() if has_grad_kl else None
+    plan = _plan(params, hidden, weight, bias)
+    kl = params.kl_mode != 0
+    zbuf = _alloc((plan.rows * plan.cols,), torch.float32, dev)
+    zrbuf = _alloc((plan.rows * plan.cols,), torch.float32, dev) if has_grad_kl else None
+    same = hidden.dtype == torch.float32
+    dzbuf = zbuf if same else _alloc((plan.rows * plan.cols,), hidden.dtype, dev)
+    w_acc = _alloc((plan.cols, d), torch.float32, dev) if (need_w and plan.chunked) else None
+    b_acc = _alloc((plan.cols,), torch.float32, dev) if need_b else None
+    use_triton = _use_triton(params, dev)
+    tiles = split_tiles(plan.cols)
+    db_rows = triton.cdiv(plan.rows, tiles.dz_rows) if use_triton else 1
+    db_part = _alloc((db_rows * plan.cols,), torch.float32, dev) if need_b else None
+    with _fp32_matmul(dev, params.fp32_precision):
+        for r0, r1, v0, v1 in _blocks(n, vocab, plan):
+            rows, cols = r1 - r0, v1 - v0
+            first, last = r0 == 0, r1 == n
+            z = _mm_f32(hidden[r0:r1], weight[v0:v1].T, zbuf[:rows * cols].view(rows, cols))
+            zr = None
+            if has_grad_kl:
+                zr = _mm_f32(ref.hidden[r0:r1], ref.weight[v0:v1].T, zrbuf[:rows * cols].view(rows, cols))
+            dz = dzbuf[:rows * cols].view(rows, cols)
+            if use_triton:
+                grid = (triton.cdiv(rows, tiles.dz_rows), triton.cdiv(cols, tiles.dz_cols))
+                _split_dz_kernel[grid](
+                    z, _or(zr, z), _or(bias, z), _or(ref.bias if kl else None, z), labels,
+                    lse, g, _or(ref_lse, zeros), _or(token_kl, zeros), _or(gk, zeros), dz, _or(db_part, zeros),
+                    rows, cols, r0, v0,
+                    HAS_BIAS=bias is not None, HAS_REF_BIAS=kl and ref.bias is not None, KL_MODE=params.kl_mode,
+                    HAS_GRAD_KL=has_grad_kl, HAS_DB=need_b, BLOCK_R=tiles.dz_rows, BLOCK_S=tiles.dz_cols,
+                    num_warps=tiles.dz_warps,
+                )
+            else:
+                _dz_torch(z, zr, bias, ref.bias if kl else None, labels, lse, g, ref_lse, token_kl, gk, dz, r0, v0,
+                          params.kl_mode, None if db_part is None else db_part[:cols])
+            if need_h:
+                _addmm_f32(d_hidden[r0:r1], dz, weight[v0:v1])
+            if need_w:
+                if not plan.chunked:  # all rows in this block: dW[s] written once, in the output dtype
+                    torch.mm(dz.T, hidden, out=d_weight[v0:v1])
+                else:
+                    acc = w_acc[:cols]
+                    if first:
+                        acc.zero_()
+                    _addmm_f32(acc, dz.T, hidden[r0:r1])
+                    if last:
+                        d_weight[v0:v1].copy_(acc)
+            if need_b:
+                part = db_part[:grid[0] * cols].view(grid[0], cols).sum(0) if use_triton else db_part[:cols]
+                if first:
+                    b_acc[:cols].copy_(part)
+                else:
+                    b_acc[:cols] += part
+                if last:
+                    d_bias[v0:v1].copy_(b_acc[:cols])
+    return (None if d_hidden is None else d_hidden.to(hidden.dtype), d_weight, d_bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class SplitLinearLogprobsFunction(torch.autograd.Function):
+    """``log_softmax(hidden @ weight.T + bias)[arange(n), labels]``, split-wise."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, params: SplitParams):
+        stats = split_forward(hidden, weight, bias, labels, params)
+        ctx.save_for_backward(hidden, weight, bias, labels, stats.lse)
+        ctx.params = params
+        return stats.logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        grads = split_backward(hidden, weight, bias, labels, lse, grad_logps, ctx.params, ctx.needs_input_grad[:3])
+        return (*grads, None, None)
+
+
+class SplitLinearKLFunction(torch.autograd.Function):
+    """``(logps, ref_logps, token_kl)`` split-wise; gradients into the policy only."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, params: SplitParams):
+        ref = RefHead(ref_hidden, ref_weight, ref_bias)
+        stats = split_forward(hidden, weight, bias, labels, params, ref=ref)
+        ctx.save_for_backward(hidden, weight, bias, labels, stats.lse, ref_hidden, ref_weight, ref_bias,
+                              stats.ref_lse, stats.kl)
+        ctx.params = params
+        ctx.mark_non_differentiable(stats.ref_logps)
+        return stats.logps, stats.ref_logps, stats.kl
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_ref_logps, grad_kl):
+        hidden, weight, bias, labels, lse, ref_hidden, ref_weight, ref_bias, ref_lse, token_kl = ctx.saved_tensors
+        grads = split_backward(hidden, weight, bias, labels, lse, grad_logps, ctx.params, ctx.needs_input_grad[:3],
+                               ref=RefHead(ref_hidden, ref_weight, ref_bias), ref_lse=ref_lse, token_kl=token_kl,
+                               grad_kl=grad_kl)
+        return (*grads, None, None, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# public functions
+# ----------------------------------------------------------------------------------------------
+
+
+def _params(kl_mode, scratch_bytes, fp32_precision, elementwise) -> SplitParams:
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
+    if scratch_bytes is not None and (not isinstance(scratch_bytes, int) or scratch_bytes < 1):
+        raise ValueError(f"scratch_bytes must be a positive int or None, got {scratch_bytes!r}")
+    if elementwise not in (None, "triton", "torch"):
+        raise ValueError(f"elementwise must be None, 'triton' or 'torch', got {elementwise!r}")
+    return SplitParams(kl_mode, scratch_bytes, fp32_precision, elementwise)
+
+
+def _check(hidden, weight, bias, labels=None, prefix=""):
+    # plain CPU tensors are fine here (the torch elementwise twin runs): no Triton device check
+    check_head(hidden, weight, bias, labels, prefix, triton_device=hidden.device.type == "cuda" or interpreting())
+
+
+def split_linear_logprobs(hidden, weight, labels, bias=None, *, scratch_bytes=None, fp32_precision="tf32",
+                          elementwise=None):
+    """Label log-probs of response rows, one vocabulary split at a time (no ``[n, V]`` logits).
+
+    Plain-torch equivalent::
+
+        torch.log_softmax((hidden @ weight.T + bias).float(), -1).gather(1, labels[:, None])[:, 0]
+
+    Args:
+        hidden: ``[n, D]`` fp32/fp16/bf16; weight ``[V, D]`` same dtype and device; bias ``[V]`` or None.
+        labels: ``[n]`` int64 in ``[0, V)`` (not checked here: the caller validates).
+        scratch_bytes: cap of the split buffers (None: ``_config.SPLIT_SCRATCH_BYTES``).
+        fp32_precision: ``"tf32"`` (default) or ``"ieee"`` GEMMs for fp32 inputs on CUDA.
+        elementwise: ``"triton"`` / ``"torch"`` for the fused elementwise pass (None: automatic).
+    Returns:
+        ``[n]`` float32, differentiable w.r.t. hidden, weight and bias (gradients in their dtype).
+    """
+    _check(hidden, weight, bias, labels)
+    params = _params(0, scratch_bytes, fp32_precision, elementwise)
+    return SplitLinearLogprobsFunction.apply(hidden, weight, _unit_stride(bias), labels.contiguous(), params)
+
+
+def split_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=None, ref_bias=None, *,
+                    scratch_bytes=None, fp32_precision="tf32", elementwise=None):
+    """``(logps, ref_logps, token_kl)``, each ``[n]`` float32, one vocabulary split at a time.
+
+    The maths and arguments of ``linear_kl.triton_linear_kl`` (``mode`` ``"tis"``: ``KL(pi_theta || pi_ref)``,
+    ``"tdpo"``: ``KL(pi_ref || pi_theta)``; the reference head is a constant) plus ``scratch_bytes``,
+    ``fp32_precision`` and ``elementwise`` as in :func:`split_linear_logprobs`.
+    """
+    if mode not in ("tis", "tdpo"):
+        raise ValueError(f"mode must be 'tis' or 'tdpo', got {mode!r}")
+    _check(hidden, weight, bias, labels)
+    _check(ref_hidden, ref_weight, ref_bias, prefix="ref_")
+    if ref_hidden.dtype != hidden.dtype:
+        raise TypeError(f"ref_hidden has dtype {ref_hidden.dtype} but hidden has {hidden.dtype}")
+    if ref_hidden.shape[0] != hidden.shape[0]:
+        raise ValueError(f"ref_hidden has {ref_hidden.shape[0]} rows but hidden has {hidden.shape[0]}")
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight has vocabulary {ref_weight.shape[0]} but weight has {weight.shape[0]}")
+    params = _params(KL_MODES[mode], scratch_bytes, fp32_precision, elementwise)
+    ref_bias = _unit_stride(None if ref_bias is None else ref_bias.detach())
+    return SplitLinearKLFunction.apply(hidden, weight, _unit_stride(bias), labels.contiguous(), ref_hidden.detach(),
+                                       ref_weight.detach(), ref_bias, params)
