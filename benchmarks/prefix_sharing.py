@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.memory import _status_bytes
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CASES = ((4096, 256), (512, 512))
 LAYOUTS = ("unshared", "shared")
@@ -46,14 +48,6 @@ MODELS = {
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
 }
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _trainer(prompt: int, response: int, layout: str, workdir: str, setup: dict):

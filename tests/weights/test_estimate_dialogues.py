@@ -11,9 +11,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import tisdpo.weights as W
 from tests.trainer.tiny import build_tokenizer, dataset_of, hh_records
+from tests.weights.test_estimate import _reference_response_logps
 from tisdpo.config import TISDPOConfig
 from tisdpo.data import prepare_preference_dataset, tokenize_row
-from tisdpo_kernels.reference import reference_linear_logprobs
 
 N_POSITIONS = 64  # the model cannot see more tokens: an untruncated long dialogue is an IndexError
 
@@ -49,15 +49,6 @@ def long_dialogues(n=6):
             chosen = chosen * 4
         rows.append({"chosen": history + prompt + chosen, "rejected": history + prompt + rejected})
     return dataset_of(rows)
-
-
-def _reference_response_logps(model, prompt_ids, response_ids):
-    ids = torch.tensor([prompt_ids + response_ids])
-    with torch.no_grad():
-        hidden = model(ids, output_hidden_states=True).hidden_states[-1][0]
-    labels = torch.full((ids.shape[1],), -100)
-    labels[len(prompt_ids) - 1:-1] = torch.tensor(response_ids)
-    return reference_linear_logprobs(hidden.double(), model.lm_head.weight.double(), labels)[labels != -100]
 
 
 def _run(data, models, tokenizer, cache, **kw):
