@@ -48,9 +48,13 @@ class LinearConfig:
     fwd_splits: int | None = None
     bwd_splits: int | None = None
     fwd_kl: TileConfig | None = None  # forward with a KL mode (two logit tiles live); None: ``fwd``
+    bwd_filtered: TileConfig | None = None  # backward with gradient filtering (``filter_eps``); None: ``bwd``
 
     def forward_tile(self, kl_mode: int) -> TileConfig:
         return self.fwd if kl_mode == 0 or self.fwd_kl is None else self.fwd_kl
+
+    def backward_tile(self, filtered: bool) -> TileConfig:
+        return self.bwd if not filtered or self.bwd_filtered is None else self.bwd_filtered
 
 
 def interpreting() -> bool:
@@ -92,10 +96,13 @@ _GPU_BY_D = (
     (1024, LinearConfig(fwd=TileConfig(64, 128, 64, num_warps=4, num_stages=3),
                         bwd=TileConfig(64, 128, 64, num_warps=4, num_stages=2))),
     # the KL forward holds two [BLOCK_N, BLOCK_V] fp32 logit tiles: at 128 rows it spilled (255 registers,
-    # 264 B with kl="tis", tests/kernels/compile_for_gpu.py); 64 rows keep it in registers
+    # 264 B with kl="tis", tests/kernels/compile_for_gpu.py); 64 rows keep it in registers. The filtered
+    # backward (its tile-mass reduction live beside the gradient tile) spilled 68 B at 255 registers with
+    # Triton 3.6 (the GPU image's version; 217 registers with 3.9): 64-column tiles keep it in registers.
     (None, LinearConfig(fwd=TileConfig(128, 128, 64, num_warps=8, num_stages=3),
                         bwd=TileConfig(64, 128, 64, num_warps=8, num_stages=2),
-                        fwd_kl=TileConfig(64, 128, 64, num_warps=8, num_stages=3))),
+                        fwd_kl=TileConfig(64, 128, 64, num_warps=8, num_stages=3),
+                        bwd_filtered=TileConfig(64, 64, 64, num_warps=8, num_stages=2))),
 )
 
 
@@ -112,7 +119,8 @@ def linear_config(vocab: int, dim: int) -> LinearConfig:
     if vocab <= _SMALL_VOCAB:
         cfg = LinearConfig(fwd=replace(cfg.fwd, block_v=64), bwd=replace(cfg.bwd, block_v=64),
                            fwd_splits=cfg.fwd_splits, bwd_splits=cfg.bwd_splits,
-                           fwd_kl=None if cfg.fwd_kl is None else replace(cfg.fwd_kl, block_v=64))
+                           fwd_kl=None if cfg.fwd_kl is None else replace(cfg.fwd_kl, block_v=64),
+                           bwd_filtered=None if cfg.bwd_filtered is None else replace(cfg.bwd_filtered, block_v=64))
     return cfg
 
 

@@ -465,7 +465,7 @@ def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: Linea
         g = zeros if grad_logps is None else grad_logps.to(torch.float32).contiguous()
         gk = grad_kl.to(torch.float32).contiguous() if has_grad_kl else zeros
         cfg = _resolve_config(params, weight)
-        tile = cfg.bwd
+        tile = cfg.backward_tile(params.filter_eps is not None)
         row_blocks = triton.cdiv(n, tile.block_n)
         v_tiles = triton.cdiv(vocab, tile.block_v)
         (rh, rw, rb), d_ref, ref_strides, has_ref_bias = _ref_args(ref, hidden, weight, bias)
