@@ -303,32 +303,35 @@ def _use_triton(params: SplitParams, device: torch.device) -> bool:
     return device.type == "cuda" or interpreting()
 
 
+def _online_lse_step(z, st, m_key, s_key, label_key, lab, inside, rows):
+    """One split of the online log-sum-exp and label gather for the logits ``z`` (policy or reference), in
+    place on ``st[m_key] / st[s_key] / st[label_key]`` at ``rows``; returns ``(exp(z - new max), rescale)``."""
+    st[label_key][rows] += torch.where(inside, z.gather(1, lab.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
+    m_new = torch.maximum(st[m_key][rows], z.max(1).values)
+    scale = torch.exp(st[m_key][rows] - m_new)
+    e = torch.exp(z - m_new[:, None])
+    st[s_key][rows] = st[s_key][rows] * scale + e.sum(1)
+    st[m_key][rows] = m_new
+    return e, scale
+
+
 def _stats_torch(z, zr, b, rb, labels, st, r0, v0, kl_mode):
     """The torch twin of ``_split_stats_kernel`` (plain CPU tensors)."""
     r1, cols = r0 + z.shape[0], z.shape[1]
+    rows = slice(r0, r1)
     if b is not None:
         z = z + b[v0:v0 + cols].float()
-    lab = labels[r0:r1] - v0
+    lab = labels[rows] - v0
     inside = (lab >= 0) & (lab < cols)
-    st["label"][r0:r1] += torch.where(inside, z.gather(1, lab.clamp(0, cols - 1)[:, None])[:, 0], 0.0)
-    m_new = torch.maximum(st["m"][r0:r1], z.max(1).values)
-    scale = torch.exp(st["m"][r0:r1] - m_new)
-    e = torch.exp(z - m_new[:, None])
-    st["s"][r0:r1] = st["s"][r0:r1] * scale + e.sum(1)
-    st["m"][r0:r1] = m_new
+    e, scale = _online_lse_step(z, st, "m", "s", "label", lab, inside, rows)
     if kl_mode:
         if rb is not None:
             zr = zr + rb[v0:v0 + cols].float()
-        st["ref_label"][r0:r1] += torch.where(inside, zr.gather(1, lab.clamp(0, cols - 1)[:, None])[:, 0], 0.0)
-        rm_new = torch.maximum(st["rm"][r0:r1], zr.max(1).values)
-        ref_scale = torch.exp(st["rm"][r0:r1] - rm_new)
-        er = torch.exp(zr - rm_new[:, None])
-        st["rs"][r0:r1] = st["rs"][r0:r1] * ref_scale + er.sum(1)
-        st["rm"][r0:r1] = rm_new
+        er, ref_scale = _online_lse_step(zr, st, "rm", "rs", "ref_label", lab, inside, rows)
         if kl_mode == 1:
-            st["acc"][r0:r1] = st["acc"][r0:r1] * scale + (e * (z - zr)).sum(1)
+            st["acc"][rows] = st["acc"][rows] * scale + (e * (z - zr)).sum(1)
         else:
-            st["acc"][r0:r1] = st["acc"][r0:r1] * ref_scale - (er * (z - zr)).sum(1)
+            st["acc"][rows] = st["acc"][rows] * ref_scale - (er * (z - zr)).sum(1)
 
 
 def _dz_torch(z, zr, b, rb, labels, lse, g, ref_lse, token_kl, gk, dz, r0, v0, kl_mode, db=None):
