@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from tisdpo_kernels import fused_tis_dpo_loss
 from tisdpo_kernels.objectives import LOSS_TYPES, SMOOTHED_LOSS_TYPES, ld_token_weights
-from tisdpo_kernels.reference import pair_objective, reference_tis_dpo_loss, sequence_sums
+from tisdpo_kernels.objectives import pair_objective, sequence_sums
+from tisdpo_kernels.reference import reference_tis_dpo_loss
 
 from .batches import IGNORE, make_batch
 

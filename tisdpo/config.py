@@ -45,7 +45,8 @@ from transformers import TrainingArguments
 
 from tisdpo_kernels.loss import BACKENDS as LOSS_BACKENDS
 from tisdpo_kernels.objectives import LOSS_TYPES, SMOOTHED_LOSS_TYPES, check_ld_alpha, loss_terms
-from tisdpo_kernels.reference import ELEMENTWISE_TRANSFORMS, KL_MODES, transform_params
+from tisdpo_kernels.objectives import KL_MODES
+from tisdpo_kernels.transforms import ELEMENTWISE_TRANSFORMS, transform_params
 
 # need a whole response: the trainer applies them to the tokenised weight columns (tisdpo.weights), not in the loss
 PER_RESPONSE_TRANSFORMS = ("rank_based", "binary", "random")

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments, set_seed
 
 from tisdpo_kernels import fused_linear_logprobs, fused_tis_dpo_loss
-from tisdpo_kernels.reference import apply_weight_transform
+from tisdpo_kernels.transforms import apply_weight_transform
 
 from .config import PER_RESPONSE_TRANSFORMS, TISDPOConfig
 from .data import (

@@ -16,7 +16,7 @@ turns them into final weights (any transform, per-response ones included), to tr
 
 Transforms (all of DESIGN §1):
 
-- elementwise, delegated to ``tisdpo_kernels.reference.apply_weight_transform`` (so the loss kernel and
+- elementwise, delegated to ``tisdpo_kernels.transforms.apply_weight_transform`` (so the loss kernel and
   this module agree): ``origin``, ``threshold``, ``threshold_and_scale``, ``exp_clamp``;
 - per response (they need the whole response, so they belong to the data pipeline, not to the loss):
   ``rank_based`` (rank within the response mapped linearly onto ``[min_weight, max_weight]`` =
@@ -54,8 +54,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tisdpo_kernels import fused_linear_logprobs
-from tisdpo_kernels.reference import ELEMENTWISE_TRANSFORMS, apply_weight_transform
-from tisdpo_kernels.reference import transform_params as _elementwise_params
+from tisdpo_kernels.transforms import ELEMENTWISE_TRANSFORMS, apply_weight_transform
+from tisdpo_kernels.transforms import transform_params as _elementwise_params
 
 from .config import PER_RESPONSE_TRANSFORMS, TISDPOConfig
 from .data import (

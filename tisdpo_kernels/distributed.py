@@ -20,7 +20,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from .reference import SequenceSums
+from .objectives import SequenceSums
 
 
 def check_group(group) -> None:

@@ -3,7 +3,7 @@
 This module validates inputs (a clear ``ValueError``/``TypeError`` naming the argument, never a
 silent wrong number or an out-of-bounds read), drops prompt/padding rows before any matmul,
 dispatches the per-token work to a backend and turns per-sequence sums into the loss and its
-metrics (``reference.pair_objective``).
+metrics (``objectives.pair_objective``).
 
 Backends: ``"torch"`` (``chunked.py``, runs anywhere), ``"split"`` (``ops/linear_split.py``: vocabulary
 splits, cuBLAS GEMMs and fused Triton elementwise passes, an atomic-free backward; runs anywhere, Triton
@@ -21,16 +21,17 @@ import torch
 
 from . import chunked
 from .distributed import all_reduce_sequence_sums, check_group, global_response_counts
-from .objectives import check_ld_alpha, ld_token_weights, loss_terms
-from .ops._config import auto_backend, interpreting
-from .reference import (
+from .objectives import (
     KL_MODES,
+    check_ld_alpha,
+    ld_token_weights,
+    loss_terms,
     pair_objective,
     sequence_layout,
     sequence_sums,
-    token_weights_from_contrastive,
-    transform_params,
 )
+from .ops._config import auto_backend, interpreting
+from .transforms import token_weights_from_contrastive, transform_params
 
 BACKENDS = ("auto", "torch", "triton", "split")
 FP32_PRECISIONS = ("tf32", "ieee")
@@ -130,7 +131,7 @@ def _kernel_options(chunk_size, deterministic, grad_filter_eps, fp32_precision="
 def _sequence_sums(backend, logps, lpref, weights, contrastive, weight_transform, transform_kwargs, rows: _Rows,
                    token_kl, kl, log_collision=None):
     """Per-sequence sums of the response rows: Triton's segment-sum kernels (the weight transform
-    evaluated in the kernel) or ``reference.sequence_sums`` on the torch path (the only one with
+    evaluated in the kernel) or ``objectives.sequence_sums`` on the torch path (the only one with
     ``log_collision``, WPO's statistic) and on the split path with plain CPU tensors."""
     if backend == "triton" or (backend == "split" and (logps.device.type == "cuda" or interpreting())):
         from .ops.pair_loss import sequence_sums_unchecked
@@ -387,7 +388,7 @@ def fused_tis_dpo_loss(
         token_weights: per-token weights shaped like ``labels`` (none: DPO). Or ``contrastive_logps=(pos,
             neg)``, each shaped like ``labels``, turned into weights by ``weight_transform`` applied to
             ``r = pos - neg`` on chosen and to ``-r`` on rejected tokens (``transform_kwargs`` override the
-            transform's defaults, see ``reference.apply_weight_transform``).
+            transform's defaults, see ``transforms.apply_weight_transform``).
         loss_type: a loss type or a list of them (TRL's form), combined as ``sum_k loss_weights[k] * loss_k``
             (``loss_weights``: one finite number per type, default 1 each). label_smoothing: ``eps`` in [0, 0.5)
             of ``cdpo``, ``robust``, ``exo_pair``, ``aot``, ``aot_unpaired`` (refused with any other type).
@@ -396,7 +397,7 @@ def fused_tis_dpo_loss(
             pair get token weight ``ld_alpha`` (times any other token weight), for policy and reference alike
             (``objectives.ld_token_weights``).
         use_weighting: WPO: each pair's loss times ``exp(mean_t(lp - log sum_v p(v)^2)_c + (..)_r)``, a
-            constant (``reference.pair_objective``). Needs the full policy distribution per token: the torch
+            constant (``objectives.pair_objective``). Needs the full policy distribution per token: the torch
             backend computes it in its chunked pass; the Triton kernels do not, so it raises there.
         cu_seqlens: ``[2B+1]`` int32/int64 boundaries of packed sequences, chosen first then rejected.
         row_index: explicit response rows (prefix-shared layouts, ``tisdpo.prefix``): ``[n]`` int32/int64 indices
@@ -497,7 +498,7 @@ def fused_tis_dpo_loss(
         given = "token_weights, which are used as given" if token_weights is not None else "no weights (DPO)"
         raise ValueError(
             f"weight_transform={weight_transform!r} / transform_kwargs apply to contrastive_logps only, but the call "
-            f"passes {given}; transform token weights before the call (tisdpo_kernels.reference."
+            f"passes {given}; transform token weights before the call (tisdpo_kernels.transforms."
             "apply_weight_transform) or leave weight_transform='origin'"
         )
 

@@ -1,12 +1,16 @@
-"""The per-pair loss types of the DPO family, named and defined as in TRL's ``DPOTrainer`` (TRL 1.x).
+"""The ground floor of the loss: sequence layout, per-sequence sums, the pair objective and the loss types.
 
-Every loss type is a function of per-pair quantities that come from per-sequence sums (``PairTerms``), so one
-formula per loss type serves every path: ``reference.pair_objective`` calls ``LOSS_FUNCTIONS`` and the fused
-loss (chunked PyTorch and Triton backends alike) calls ``reference.pair_objective`` on its own sums.
+Everything here is O(batch) or O(tokens), never O(tokens x vocab), so the oracle (``reference.py``) and every
+backend share it: ``sequence_layout`` (padded / packed layouts -> per-token sequence ids), ``sequence_sums``
+(per-token vectors -> per-sequence sums ``SequenceSums``), ``pair_objective`` (sums -> loss and metrics,
+docs/design.md section 1) and the per-pair loss types of the DPO family, named and defined as in TRL's
+``DPOTrainer`` (TRL 1.x): every loss type is a function of per-pair quantities (``PairTerms``), one formula per
+loss type. They are checked on their own against a float64 transcription of TRL's formulas
+(``tests/test_objectives.py``), so an oracle test of a backend is not a test of these formulas against themselves.
 
 Notation (per pair, chosen c / rejected r): ``s`` is the per-sequence score, ``s = M = sum_t w_t (lp_t - lpref_t)``
 without a KL variant (TRL's ``chosen_logratios``; with unit weights the summed log-ratio), the KL-adjusted score
-with one (``reference.pair_objective``); ``h = s_c - s_r`` (TRL's ``delta_score``); ``n`` the number of response
+with one (``pair_objective``); ``h = s_c - s_r`` (TRL's ``delta_score``); ``n`` the number of response
 tokens; ``beta``; ``eps`` = ``label_smoothing``; ``tau`` = ``discopop_tau``; ``ls = logsigmoid``, ``sg = sigmoid``.
 
 - ``sigmoid`` (DPO): ``-ls(beta h)``. ``label_smoothing`` is not used (as in TRL).
@@ -199,5 +203,150 @@ def ld_token_weights(seq_ids: torch.Tensor, num_seqs: int, ld_alpha: float) -> t
     return torch.where(position < shared[seq_ids], one, one * ld_alpha)
 
 
-__all__ = ["LOSS_FUNCTIONS", "LOSS_TYPES", "NO_KL_LOSS_TYPES", "PairTerms", "SMOOTHED_LOSS_TYPES", "SORTED_LOSS_TYPES",
-           "check_ld_alpha", "ld_token_weights", "loss_terms"]
+# ----------------------------------------------------------------------------------------------
+# sequence layout, per-sequence sums and the pair objective (shared by the oracle and every backend)
+# ----------------------------------------------------------------------------------------------
+
+KL_MODES = (None, "tisdpo", "tdpo1", "tdpo2")
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """Where each flattened token belongs.
+
+    ``seq_ids``: ``[N]`` int64, sequence index of every token of the flattened batch (``N = 2B*T``
+    padded, or the packed ``N``); sequences ``0..B-1`` are chosen, ``B..2B-1`` rejected, sequence
+    ``s`` pairs with ``s + B``. ``num_seqs``: ``2B``.
+    """
+
+    seq_ids: torch.Tensor
+    num_seqs: int
+
+    @property
+    def num_pairs(self) -> int:
+        return self.num_seqs // 2
+
+
+def sequence_layout(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> SequenceLayout:
+    """Sequence ids for padded ``labels [2B, T]`` (``cu_seqlens=None``) or packed ``labels [N]``."""
+    if cu_seqlens is None:
+        num_seqs, seq_len = labels.shape
+        seq_ids = torch.arange(num_seqs, device=labels.device).repeat_interleave(seq_len)
+    else:
+        num_seqs = cu_seqlens.numel() - 1
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=labels.device, dtype=torch.long)
+        seq_ids = torch.arange(num_seqs, device=labels.device).repeat_interleave(lengths)
+    return SequenceLayout(seq_ids=seq_ids, num_seqs=num_seqs)
+
+
+@dataclass
+class SequenceSums:
+    """Per-sequence sums over response tokens, each ``[2B]`` (chosen first, then rejected).
+
+    ``M = sum w*(lp - lpref)``, ``LP = sum lp``, ``LPW = sum w*lp``, ``K`` the KL sum (weighted by
+    ``w`` for ``kl="tisdpo"``, unweighted for TDPO; zeros without KL), ``W = sum w``, ``count`` the
+    number of response tokens; ``LPA = sum (lp - log sum_v p(v)^2)`` (detached, unweighted; WPO's
+    "aligned" log-probs) when the per-token collision statistic was given, else None.
+    """
+
+    M: torch.Tensor
+    LP: torch.Tensor
+    LPW: torch.Tensor
+    K: torch.Tensor
+    W: torch.Tensor
+    count: torch.Tensor
+    LPA: torch.Tensor | None = None
+
+
+def sequence_sums(policy_logps, ref_logps, weights, seq_ids, num_seqs, *, token_kl=None, kl=None,
+                  log_collision=None) -> SequenceSums:
+    """Segment sums of per-token vectors (all ``[n]``, response tokens only) into ``[num_seqs]``;
+    ``log_collision`` (``[n]``, ``log sum_v p(v)^2``) adds ``LPA``."""
+
+    def seg(values):
+        return torch.zeros(num_seqs, dtype=values.dtype, device=values.device).index_add(0, seq_ids, values)
+
+    m = policy_logps - ref_logps
+    if token_kl is None:
+        k = torch.zeros(num_seqs, dtype=policy_logps.dtype, device=policy_logps.device)
+    else:
+        k = seg(weights * token_kl if kl == "tisdpo" else token_kl)
+    return SequenceSums(
+        M=seg(weights * m), LP=seg(policy_logps), LPW=seg(weights * policy_logps), K=k,
+        W=seg(weights.detach()), count=seg(torch.ones_like(m)),
+        LPA=None if log_collision is None else seg((policy_logps - log_collision).detach()),
+    )
+
+
+def pair_objective(sums: SequenceSums, *, beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0,
+                   loss_weights=None, discopop_tau=0.05, use_weighting=False):
+    """Per-sequence sums -> (scalar loss, dict of detached metrics). DESIGN §1; every path calls this.
+
+    Per-sequence scores ``s`` with ``h = s_c - s_r``: ``s = M`` (DPO / TIS-DPO); ``kl="tisdpo"``:
+    ``s = M - alpha K``; ``"tdpo1"``: ``s = M + K``; ``"tdpo2"``: ``s_c = M_c + alpha stopgrad(K_c)``,
+    ``s_r = M_r + alpha K_r``. ``loss_type`` (a name or TRL's list form, weighted by ``loss_weights``) picks the
+    formulas of ``objectives.py`` (TRL's names and meanings), each averaged over pairs and summed with its weight.
+
+    ``use_weighting`` (WPO, Zhou et al. 2024, arXiv 2406.11827): every pair's loss is multiplied by the constant
+    ``exp(LPA_c / n_c + LPA_r / n_r)``, the product of both responses' length-normalised probabilities under the
+    policy, each token's probability divided by ``sum_v p(v)^2`` (needs ``sums.LPA``). It is a sequence-level
+    weight that multiplies whatever the token weights did inside ``M``; it is computed from the unweighted
+    log-probs, as in TRL, so TIS-DPO and LD-DPO weights leave it unchanged.
+    """
+    terms = loss_terms(loss_type, loss_weights, label_smoothing=label_smoothing, discopop_tau=discopop_tau, kl=kl,
+                       use_weighting=use_weighting)
+    b = sums.M.shape[0] // 2
+    mc, mr = sums.M[:b], sums.M[b:]
+    kc, kr = sums.K[:b], sums.K[b:]
+    if kl is None:
+        (sc, sr), vc, vr = (mc, mr), mc, mr
+    elif kl == "tisdpo":
+        (sc, sr), vc, vr = (mc - alpha * kc, mr - alpha * kr), mc - kc, mr - kr
+    elif kl == "tdpo1":
+        (sc, sr), vc, vr = (mc + kc, mr + kr), mc + kc, mr + kr
+    elif kl == "tdpo2":
+        (sc, sr), vc, vr = (mc + alpha * kc.detach(), mr + alpha * kr), mc + kc, mr + kr
+    else:
+        raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
+    nc, nr = sums.count[:b], sums.count[b:]
+    lpw_c, lpw_r = sums.LPW[:b], sums.LPW[b:]
+    pair = PairTerms(chosen=sc, rejected=sr, chosen_count=nc, rejected_count=nr, chosen_policy=lpw_c,
+                     rejected_policy=lpw_r, chosen_ref=lpw_c - mc, rejected_ref=lpw_r - mr,
+                     chosen_nll=-sums.LP[:b].sum() / nc.sum(), beta=beta, label_smoothing=label_smoothing,
+                     discopop_tau=discopop_tau)
+    pair_weight = None
+    if use_weighting:
+        if sums.LPA is None:
+            raise ValueError("use_weighting=True needs sums.LPA (pass log_collision to sequence_sums)")
+        pair_weight = torch.exp(sums.LPA[:b] / nc + sums.LPA[b:] / nr).detach()
+    loss = None
+    for name, weight in terms:
+        losses = LOSS_FUNCTIONS[name](pair)
+        if pair_weight is not None:
+            losses = losses * pair_weight
+        term = weight * losses.mean()
+        loss = term if loss is None else loss + term
+    rc, rr = beta * vc.detach(), beta * vr.detach()
+    metrics = {
+        "rewards/chosen": rc.mean(),
+        "rewards/rejected": rr.mean(),
+        "rewards/margins": (rc - rr).mean(),
+        "rewards/accuracies": (rc > rr).to(rc.dtype).mean(),
+        "logps/chosen": sums.LP[:b].detach().mean(),
+        "logps/rejected": sums.LP[b:].detach().mean(),
+        "logps/chosen_weighted": sums.LPW[:b].detach().mean(),
+        "logps/rejected_weighted": sums.LPW[b:].detach().mean(),
+        "weights/chosen_mean": (sums.W[:b] / sums.count[:b]).mean(),
+        "weights/rejected_mean": (sums.W[b:] / sums.count[b:]).mean(),
+    }
+    if kl is not None:
+        metrics["kl/chosen"] = kc.detach().mean()
+        metrics["kl/rejected"] = kr.detach().mean()
+    if pair_weight is not None:
+        metrics["weights/wpo_pair_mean"] = pair_weight.mean()
+    return loss, metrics
+
+
+__all__ = ["KL_MODES", "LOSS_FUNCTIONS", "LOSS_TYPES", "NO_KL_LOSS_TYPES", "PairTerms", "SMOOTHED_LOSS_TYPES",
+           "SORTED_LOSS_TYPES", "SequenceLayout", "SequenceSums", "check_ld_alpha", "ld_token_weights", "loss_terms",
+           "pair_objective", "sequence_layout", "sequence_sums"]

@@ -10,13 +10,9 @@ import torch
 from tisdpo_kernels.ops.linear_kl import triton_linear_kl
 from tisdpo_kernels.ops.linear_logprobs import triton_linear_logprobs
 from tisdpo_kernels.ops.pair_loss import triton_sequence_sums
-from tisdpo_kernels.reference import (
-    pair_objective,
-    reference_tis_dpo_loss,
-    sequence_layout,
-    sequence_sums,
-    token_weights_from_contrastive,
-)
+from tisdpo_kernels.objectives import pair_objective, sequence_layout, sequence_sums
+from tisdpo_kernels.reference import reference_tis_dpo_loss
+from tisdpo_kernels.transforms import token_weights_from_contrastive
 
 from ..batches import make_batch
 

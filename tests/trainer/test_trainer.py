@@ -12,7 +12,8 @@ import torch
 from tests.trainer.tiny import dataset_of, hh_records, no_checkpointing, synthetic_pairs, tiny_llama
 from tisdpo import TISDPOConfig, TISDPOTrainer
 from tisdpo.data import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS, PreferenceCollator, tokenize_row
-from tisdpo_kernels.reference import apply_weight_transform, reference_tis_dpo_loss
+from tisdpo_kernels.reference import reference_tis_dpo_loss
+from tisdpo_kernels.transforms import apply_weight_transform
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -17,7 +17,7 @@ from tisdpo.weights import (
     transform_params,
     transform_token_weights,
 )
-from tisdpo_kernels.reference import ELEMENTWISE_TRANSFORMS, apply_weight_transform
+from tisdpo_kernels.transforms import ELEMENTWISE_TRANSFORMS, apply_weight_transform
 
 finite = st.floats(min_value=-20, max_value=20, allow_nan=False, allow_infinity=False, width=32)
 # Coarse values make ties likely, which the per-response transforms must handle.

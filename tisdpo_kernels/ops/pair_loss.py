@@ -9,8 +9,8 @@ Given per-token vectors of the response tokens (policy log-probs ``lp``, referen
 where ``w`` is a given per-token weight, 1 (plain DPO), or ``T(r)`` on chosen and ``T(-r)`` on
 rejected tokens with ``r = pos - neg`` (contrastive log-probs) and ``T`` one of the elementwise
 transforms ``origin``, ``threshold``, ``threshold_and_scale``, ``exp_clamp``
-(``reference.apply_weight_transform``), evaluated inside the kernels. The per-pair loss on these
-``[2B]`` sums stays in ``reference.pair_objective`` (O(batch) work). The backward kernel forms the
+(``transforms.apply_weight_transform``), evaluated inside the kernels. The per-pair loss on these
+``[2B]`` sums stays in ``objectives.pair_objective`` (O(batch) work). The backward kernel forms the
 per-token upstream gradients ``d lp = w gM + gLP + w gLPW``, ``d lpref = -w gM``,
 ``d w = (lp - lpref) gM + lp gLPW (+ KL gK for tisdpo)`` and ``d KL = (w or 1) gK``.
 
@@ -19,8 +19,8 @@ One program per sequence sums its tokens in a fixed order, so results are determ
 fp32 or fp64 math (the dtype of ``policy_logps``); transform parameters are passed as fp32
 scalars; weights derived from contrastive log-probs are constants (no gradient into them).
 
-Tested in ``tests/kernels/test_pair_loss.py`` against ``reference.sequence_sums`` and
-``reference.token_weights_from_contrastive`` (values and gradients, every transform and KL mode).
+Tested in ``tests/kernels/test_pair_loss.py`` against ``objectives.sequence_sums`` and
+``transforms.token_weights_from_contrastive`` (values and gradients, every transform and KL mode).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import KL_MODES, SequenceSums, transform_params
+from ..objectives import KL_MODES, SequenceSums
+from ..transforms import transform_params
 from ._config import interpreting
 
 TRANSFORMS = {"origin": 0, "threshold": 1, "threshold_and_scale": 2, "exp_clamp": 3}
@@ -255,7 +256,7 @@ class SequenceSumsFunction(torch.autograd.Function):
 
 def triton_sequence_sums(policy_logps, ref_logps, weights, seq_ids, num_seqs, *, token_kl=None, kl=None,
                          contrastive_logps=None, weight_transform="origin", transform_kwargs=None) -> SequenceSums:
-    """Triton form of ``reference.sequence_sums`` (same arguments and outputs), plus in-kernel weights.
+    """Triton form of ``objectives.sequence_sums`` (same arguments and outputs), plus in-kernel weights.
 
     Plain-torch equivalent (``seg`` = ``zeros(num_seqs).index_add(0, seq_ids, .)``)::
 
@@ -271,9 +272,9 @@ def triton_sequence_sums(policy_logps, ref_logps, weights, seq_ids, num_seqs, *,
         num_seqs: ``2B``. token_kl: ``[n]`` per-token KL or None; kl: ``None|"tisdpo"|"tdpo1"|"tdpo2"``.
         contrastive_logps: ``(pos, neg)``, each ``[n]``: weights ``T(pos - neg)`` on chosen and
             ``T(neg - pos)`` on rejected tokens, ``T`` = ``weight_transform`` with ``transform_kwargs``
-            (see ``reference.apply_weight_transform``); no gradient flows into them.
+            (see ``transforms.apply_weight_transform``); no gradient flows into them.
     Returns:
-        ``reference.SequenceSums`` of ``[num_seqs]`` tensors in ``policy_logps``' dtype; ``M``, ``LP``,
+        ``objectives.SequenceSums`` of ``[num_seqs]`` tensors in ``policy_logps``' dtype; ``M``, ``LP``,
         ``LPW`` and ``K`` differentiable w.r.t. ``policy_logps``, ``ref_logps``, ``weights`` and ``token_kl``.
     """
     if kl not in KL_MODES:
