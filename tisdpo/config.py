@@ -44,15 +44,12 @@ import torch
 from transformers import TrainingArguments
 
 from tisdpo_kernels.loss import BACKENDS as LOSS_BACKENDS
-from tisdpo_kernels.objectives import LOSS_TYPES, SMOOTHED_LOSS_TYPES, check_ld_alpha, loss_terms
-from tisdpo_kernels.objectives import KL_MODES
-from tisdpo_kernels.transforms import ELEMENTWISE_TRANSFORMS, transform_params
+from tisdpo_kernels.objectives import KL_MODES, LOSS_TYPES, SMOOTHED_LOSS_TYPES, check_ld_alpha, loss_terms
 
-# need a whole response: the trainer applies them to the tokenised weight columns (tisdpo.weights), not in the loss
-PER_RESPONSE_TRANSFORMS = ("rank_based", "binary", "random")
+from .formats import TOKENIZATION_MODES, TRUNCATION_MODES
+from .response_weights import WEIGHT_TRANSFORMS, response_transform_params
+
 KL_VARIANTS = tuple(mode for mode in KL_MODES if mode is not None)
-TRUNCATION_MODES = ("keep_end", "keep_start")
-TOKENIZATION_MODES = ("separate", "joint")
 # transformers 5.x renamed `gradient_checkpointing` to `activation_checkpointing` (the old name became an alias)
 _HAS_ACTIVATION_CHECKPOINTING = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
 
@@ -61,7 +58,7 @@ _HAS_ACTIVATION_CHECKPOINTING = "activation_checkpointing" in {f.name for f in d
 class TISDPOConfig(TrainingArguments):
     r"""Training arguments of `TISDPOTrainer`.
 
-    Objective (per pair of chosen c / rejected r responses, see DESIGN.md section 1):
+    Objective (per pair of chosen c / rejected r responses, see `docs/design.md §1.2`):
     `h = sum_t w_t (log pi(y_t) - log pi_ref(y_t))` over c minus the same over r, optionally minus a token-level KL
     term, and `loss = -log sigmoid(beta * h)` for `loss_type="sigmoid"`. Without token-weight columns in the data the
     weights are 1 and this is DPO; with them it is TIS-DPO.
@@ -194,8 +191,8 @@ class TISDPOConfig(TrainingArguments):
             "'threshold' (clip to [-1, 1]), 'threshold_and_scale' (clip to [-1.5, 1.5], map to [0.7, 1.3]), "
             "'exp_clamp' (k * exp(mu * clamp(x, lower, upper))); per response, applied to the tokenised (truncated) "
             "responses before training: 'rank_based' (rank mapped onto [0.7, 1.3]), 'binary' (1 for the top half, "
-            "else 0), 'random' (uniform [0.7, 1.3], seeded); see tisdpo.weights.",
-            "choices": [*ELEMENTWISE_TRANSFORMS, *PER_RESPONSE_TRANSFORMS],
+            "else 0), 'random' (uniform [0.7, 1.3], seeded); see tisdpo.response_weights.",
+            "choices": list(WEIGHT_TRANSFORMS),
         },
     )
     weight_transform_kwargs: dict[str, Any] | str | None = field(
@@ -445,15 +442,9 @@ class TISDPOConfig(TrainingArguments):
             raise ValueError("`prefix_sharing=True` needs chosen and rejected responses; loss_type='sft' uses only the "
                              "chosen ones")
         # raises a ValueError naming weight_transform / transform_kwargs on an unknown name or key
-        known = (*ELEMENTWISE_TRANSFORMS, *PER_RESPONSE_TRANSFORMS)
-        if self.weight_transform not in known:
-            raise ValueError(f"`weight_transform` must be one of {known}, got {self.weight_transform!r}")
-        if self.weight_transform in PER_RESPONSE_TRANSFORMS:
-            from .weights import transform_params as response_transform_params
-
-            response_transform_params(self.weight_transform, self.weight_transform_kwargs)
-        else:
-            transform_params(self.weight_transform, self.weight_transform_kwargs)
+        if self.weight_transform not in WEIGHT_TRANSFORMS:
+            raise ValueError(f"`weight_transform` must be one of {WEIGHT_TRANSFORMS}, got {self.weight_transform!r}")
+        response_transform_params(self.weight_transform, self.weight_transform_kwargs)
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(f"`truncation_mode` must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
         if self.loss_backend not in LOSS_BACKENDS:

@@ -1,12 +1,14 @@
 """Preference data: loading, tokenisation, truncation and batch collation.
 
-Accepted example formats (TRL's preference formats):
+Accepted example formats (TRL's preference formats; their column names and the data-file table live in
+`tisdpo.formats`):
 
 * explicit prompt, plain text: `{"prompt": str, "chosen": str, "rejected": str}`;
 * explicit prompt, conversational: `{"prompt": [messages], "chosen": [messages], "rejected": [messages]}` with
   messages `{"role": ..., "content": ...}`, rendered with the tokenizer's chat template;
 * implicit prompt: `{"chosen": ..., "rejected": ...}` full texts or dialogues sharing a prefix (Anthropic
-  HH-RLHF's `"\n\nHuman: ...\n\nAssistant: ..."`); the shared prefix becomes the prompt (`extract_prompt`).
+  HH-RLHF's `"\n\nHuman: ...\n\nAssistant: ..."`); the shared prefix becomes the prompt
+  (`tisdpo.formats.extract_prompt`).
 
 Optional per-token columns `chosen_weights` / `rejected_weights` (one float per response token, as tokenised
 by `tokenize_row`) ride along; see `TISDPOConfig` for what they hold.
@@ -41,31 +43,30 @@ from typing import Any
 import datasets
 import torch
 
-from .validation import (
-    InputError,
-    check_data_source,
-    diagnose_json_lines,
-    drop_degenerate_pairs,
+from .formats import (
+    CHOSEN_IDS,
+    CHOSEN_WEIGHTS,
+    DATA_FILE_BUILDERS,
+    PROMPT_IDS,
+    REF_CHOSEN_LOGPS,
+    REF_REJECTED_LOGPS,
+    REJECTED_IDS,
+    REJECTED_WEIGHTS,
+    TOKENIZATION_MODES,
+    TOKENIZED_COLUMNS,
+    TRL_TOKENIZED_COLUMNS,
+    TRUNCATION_MODES,
+    WEIGHT_COLUMNS,
+    extract_prompt,
+    is_conversational,
+    is_messages,
     pair_drop_reason,
-    weight_values,
 )
+from .validation import InputError, check_data_source, diagnose_json_lines, drop_degenerate_pairs, weight_values
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-PROMPT_IDS = "prompt_input_ids"
-CHOSEN_IDS = "chosen_input_ids"
-REJECTED_IDS = "rejected_input_ids"
-CHOSEN_WEIGHTS = "chosen_weights"
-REJECTED_WEIGHTS = "rejected_weights"
-REF_CHOSEN_LOGPS = "ref_chosen_token_logps"
-REF_REJECTED_LOGPS = "ref_rejected_token_logps"
-WEIGHT_COLUMNS = (CHOSEN_WEIGHTS, REJECTED_WEIGHTS)
-REF_COLUMNS = (REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS)
-TOKENIZED_COLUMNS = (PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS, *WEIGHT_COLUMNS, *REF_COLUMNS)
-TOKENIZATION_MODES = ("separate", "joint")
-# TRL DPOTrainer's tokenised columns -> ours (same contents: prompt tokens, response tokens with EOS)
-TRL_TOKENIZED_COLUMNS = {"prompt_ids": PROMPT_IDS, "chosen_ids": CHOSEN_IDS, "rejected_ids": REJECTED_IDS}
 _warned: set[str] = set()
 
 _SWAP = {
@@ -81,49 +82,8 @@ _SWAP = {
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Formats
+# Chat templates
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and len(value) > 0 and all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in value
-    )
-
-
-def is_conversational(example: dict[str, Any]) -> bool:
-    """True when the example's `chosen` (and so the whole example) is a list of chat messages."""
-    return _is_messages(example.get("chosen"))
-
-
-def extract_prompt(chosen: str | list, rejected: str | list) -> tuple[str | list, str | list, str | list]:
-    """Split an implicit-prompt pair into `(prompt, chosen_response, rejected_response)`.
-
-    Dialogues (message lists): the prompt is the longest common run of leading messages. Texts: the prompt is
-    the longest common prefix, moved back to the start of the word where the texts diverge and then before the
-    spaces that precede that word, so the response starts with its separating space (`"...Assistant:"`,
-    `" Sure"`), which is how word-piece tokenizers attach spaces.
-    """
-    if isinstance(chosen, str) and isinstance(rejected, str):
-        i = 0
-        limit = min(len(chosen), len(rejected))
-        while i < limit and chosen[i] == rejected[i]:
-            i += 1
-        if i < limit or len(chosen) != len(rejected):  # they diverge (or one continues the other)
-            while i > 0 and not chosen[i - 1].isspace():
-                i -= 1
-            while i > 0 and chosen[i - 1] == " ":
-                i -= 1
-        return chosen[:i], chosen[i:], rejected[i:]
-    if _is_messages(chosen) and _is_messages(rejected):
-        i = 0
-        while i < min(len(chosen), len(rejected)) and chosen[i] == rejected[i]:
-            i += 1
-        return chosen[:i], chosen[i:], rejected[i:]
-    raise TypeError(
-        "`chosen` and `rejected` must both be strings or both be lists of {'role', 'content'} messages, got "
-        f"{type(chosen).__name__} and {type(rejected).__name__}"
-    )
 
 
 def apply_chat_template(example: dict[str, Any], tokenizer) -> dict[str, str]:
@@ -135,7 +95,7 @@ def apply_chat_template(example: dict[str, Any], tokenizer) -> dict[str, str]:
     """
     if "prompt" in example and example["prompt"] is not None:
         prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
-        if not (isinstance(prompt, list) and _is_messages(chosen) and _is_messages(rejected)):
+        if not (isinstance(prompt, list) and is_messages(chosen) and is_messages(rejected)):
             raise TypeError("a conversational example needs message lists in `prompt`, `chosen` and `rejected`")
     else:
         prompt, chosen, rejected = extract_prompt(example["chosen"], example["rejected"])
@@ -209,7 +169,7 @@ def tokenize_row(
     Returns `{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"[, "chosen_weights",
     "rejected_weights"]}`, or None if the prompt or a response is empty (after truncation).
     """
-    if truncation_mode not in ("keep_end", "keep_start"):
+    if truncation_mode not in TRUNCATION_MODES:
         raise ValueError(f"`truncation_mode` must be 'keep_end' or 'keep_start', got {truncation_mode!r}")
     if tokenization not in TOKENIZATION_MODES:
         raise ValueError(f"`tokenization` must be one of {TOKENIZATION_MODES}, got {tokenization!r}")
@@ -416,21 +376,34 @@ def load_preference_dataset(source: str, split: str = "train", **kwargs: Any) ->
         loaded = datasets.load_from_disk(source)
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     extension = os.path.splitext(source)[1].lower()
-    builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
     check_data_source(source, "dataset")
     if os.path.isfile(source):
-        if extension not in builders:
-            raise ValueError(f"unsupported data file extension {extension!r} in {source!r}; use {sorted(builders)}")
+        if extension not in DATA_FILE_BUILDERS:
+            raise ValueError(f"unsupported data file extension {extension!r} in {source!r}; "
+                             f"use {sorted(DATA_FILE_BUILDERS)}")
+        builder = DATA_FILE_BUILDERS[extension]
         try:
-            loaded = datasets.load_dataset(builders[extension], data_files=source, split=split, **kwargs)
+            loaded = datasets.load_dataset(builder, data_files=source, split=split, **kwargs)
             loaded.data.table.validate(full=True)  # pyarrow's JSON reader lets bytes that are not UTF-8 through
             return loaded
         except Exception as err:  # name the line datasets could not read, or at least the file
-            if builders[extension] == "json":
+            if builder == "json":
                 diagnose_json_lines(source)
-            raise InputError(f"{source}: cannot be read as {builders[extension]}: {type(err).__name__}: {err}") \
-                from err
+            raise InputError(f"{source}: cannot be read as {builder}: {type(err).__name__}: {err}") from err
     return datasets.load_dataset(source, split=split, **kwargs)
+
+
+def save_dataset(dataset: datasets.Dataset, output: str) -> str:
+    """Write ``dataset`` to ``output``: a ``.jsonl``/``.json`` or ``.parquet`` file, else a ``save_to_disk``
+    directory (readable by ``load_preference_dataset`` and so by ``tisdpo train``)."""
+    builder = DATA_FILE_BUILDERS.get(os.path.splitext(output)[1].lower())
+    if builder == "json":
+        dataset.to_json(output, lines=True)
+    elif builder == "parquet":
+        dataset.to_parquet(output)
+    else:
+        dataset.save_to_disk(output)
+    return output
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,14 +24,13 @@ Every training run is a ``TISDPOTrainer`` run (``train_run``); the contrastive p
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import datasets
 import torch
@@ -40,14 +39,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .config import TISDPOConfig
 from .data import PreferenceCollator, tokenize_row
+from .modeling import token_logps
+from .response_weights import PER_RESPONSE_TRANSFORMS, transform_token_weights
 from .trainer import TISDPOTrainer
-from .weights import (
-    PER_RESPONSE_TRANSFORMS,
-    WEIGHT_TRANSFORMS,
-    estimate_token_weights,
-    token_logps,
-    transform_token_weights,
-)
+from .weights import estimate_token_weights
 
 GOOD_WORDS = ("kind", "honest", "safe", "clear", "helpful", "gentle")
 BAD_WORDS = ("rude", "false", "unsafe", "vague", "toxic", "cruel")
@@ -378,26 +373,3 @@ def format_table(result: DemoResult, cfg: DemoConfig) -> str:
 # a smaller run (about 20 s on one CPU core); its key-token AUC is checked in tests/weights/test_demo.py
 QUICK = {"train_pairs": 192, "eval_pairs": 128, "sft_steps": 60, "contrastive_steps": 60, "policy_steps": 20,
          "eval_prompts": 32}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the whole TIS-DPO pipeline on a synthetic task, on CPU, in about a minute (nothing downloaded)."""
-    parser = argparse.ArgumentParser(prog="tisdpo demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--output-dir", default=DemoConfig.output_dir, help="where the runs, weights and figures go")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a smaller run (about 20 seconds)")
-    parser.add_argument("--weight-transform", default=DemoConfig.weight_transform, choices=WEIGHT_TRANSFORMS,
-                        help="transform of TIS-DPO's token weights")
-    parser.add_argument("--progress", action="store_true", help="show progress bars and training logs")
-    args = parser.parse_args(argv)
-    cfg = DemoConfig(output_dir=args.output_dir, seed=args.seed, weight_transform=args.weight_transform)
-    if args.quick:
-        cfg = DemoConfig(**{**asdict(cfg), **QUICK})
-    run_demo(cfg, progress=args.progress)
-    return 0
-
-
-CLI_COMMANDS = {"demo": main}
-
-if __name__ == "__main__":
-    raise SystemExit(main())

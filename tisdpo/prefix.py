@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .data import (
+from .formats import (
     CHOSEN_IDS,
     CHOSEN_WEIGHTS,
     PROMPT_IDS,

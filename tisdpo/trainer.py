@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import inspect
 import logging
 import os
 import time
@@ -34,54 +33,50 @@ from typing import Any
 
 import datasets
 import numpy as np
-import pyarrow.compute as pc
 import torch
 from accelerate import PartialState
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments, set_seed
 
-from tisdpo_kernels import fused_linear_logprobs, fused_tis_dpo_loss
+from tisdpo_kernels import fused_tis_dpo_loss
 from tisdpo_kernels.transforms import apply_weight_transform
 
-from .config import PER_RESPONSE_TRANSFORMS, TISDPOConfig
-from .data import (
+from .config import TISDPOConfig
+from .data import IGNORE_INDEX, PreferenceCollator, prepare_preference_dataset, split_responses
+from .distributed import context_parallel_group, full_frozen, head_forward, prepare_reference
+from .formats import (
     CHOSEN_IDS,
     CHOSEN_WEIGHTS,
-    IGNORE_INDEX,
     PROMPT_IDS,
     REF_CHOSEN_LOGPS,
     REF_REJECTED_LOGPS,
     REJECTED_IDS,
     TOKENIZED_COLUMNS,
-    PreferenceCollator,
-    prepare_preference_dataset,
-    split_responses,
 )
-from .distributed import context_parallel_group, full_frozen, head_forward, prepare_reference
 from .model_card import write_model_card
+from .modeling import (
+    EFFICIENT_PACKING_ATTENTION,
+    PACKING_ATTENTION,
+    attn_implementation,
+    check_architecture,
+    dataset_fingerprint,
+    decoder_hidden_states,
+    is_peft_model,
+    label_logprobs_fn,
+    lm_head,
+    model_fingerprint,
+    packing_supported,
+    token_logps,
+)
 from .offload import offload_activations
-from .prefix import PREFIX_DOC_IDS, PrefixSharedCollator, check_attention, prefix_model_inputs
+from .prefix import PrefixSharedCollator, check_attention
+from .response_weights import PER_RESPONSE_TRANSFORMS, transform_token_weights
 from .trl_compat import SyncRefModelCallback, TRLFeatureAliases, check_syncable, normalize_batch
 
 logger = logging.getLogger(__name__)
 
-# Attention implementations for which transformers turns packed `position_ids` (no attention mask) into exact
-# per-sequence attention: varlen kernels for flash attention, a block-diagonal mask for the others.
-PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention", "sdpa", "eager")
-# Of those, the ones where packing also saves memory and time (no dense [N, N] mask): used when padding_free=None.
-EFFICIENT_PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
 _REF_CACHE_VERSION = "tisdpo-ref-logps-v1"
-
-
-def _attn_implementation(model: nn.Module) -> str:
-    config = getattr(model, "config", None)
-    return str(getattr(config, "_attn_implementation", None) or "eager")
-
-
-def _packing_supported(attn: str) -> bool:
-    # hub kernels such as "kernels-community/flash-attn2" use the same varlen path as flash_attention_2
-    return attn in PACKING_ATTENTION or "flash" in attn
 
 
 def _disable_dropout(model: nn.Module) -> None:
@@ -109,36 +104,6 @@ def _apply_liger_patches(model: nn.Module) -> None:
     )
 
 
-def _check_architecture(model: nn.Module, name: str) -> None:
-    """The step needs an LM head (its weight goes to the loss) and a forward with `logits_to_keep` (to skip it)."""
-    base = model.get_base_model() if _is_peft_model(model) else model
-    if not hasattr(base, "get_output_embeddings") or base.get_output_embeddings() is None:
-        raise TypeError(f"`{name}` ({type(base).__name__}) has no output embedding (LM head)")
-    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
-        raise TypeError(
-            f"`{name}` ({type(base).__name__}) has no `logits_to_keep` forward argument, so its LM head cannot be "
-            "skipped; use a causal-LM class from transformers >= 4.50"
-        )
-    if not hasattr(base, "get_decoder"):
-        raise TypeError(f"`{name}` ({type(base).__name__}) has no `get_decoder()` to read hidden states from")
-
-
-def _lm_head(model: nn.Module) -> nn.Module:
-    """The output embedding module whose weight (and bias) go to the fused loss, inside its own forward
-    (`head_forward`): sharded or not, the engine gathers it there."""
-    return model.get_output_embeddings()
-
-
-def _logprobs_fn(labels: torch.Tensor, args: TISDPOConfig, row_index: torch.Tensor | None = None):
-    """The `fn` of `head_forward` for per-token label log-probs: `fn(weight, bias, rows)`."""
-
-    def logprobs(weight, bias, rows):
-        return fused_linear_logprobs(rows, weight, labels, bias=bias, ignore_index=IGNORE_INDEX,
-                                     backend=args.loss_backend, chunk_size=args.loss_chunk_size, row_index=row_index)
-
-    return logprobs
-
-
 def _local_cu_seqlens(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Row boundaries of this rank's slice of a padded batch under context parallelism (the Trainer shards
     input_ids, attention_mask and labels along the sequence); packed batches cannot be split that way."""
@@ -160,14 +125,14 @@ def _local_cu_seqlens(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 def _resolve_prefix_sharing(args: TISDPOConfig, model: nn.Module, ref_model: nn.Module | None) -> bool:
     """`args.prefix_sharing` resolved (None: on with flex_attention, where the block mask makes it pay), checked
     against the attention implementations of both models; logs which attention path runs."""
-    attn = _attn_implementation(model)
+    attn = attn_implementation(model)
     enabled = args.prefix_sharing if args.prefix_sharing is not None else (
         attn == "flex_attention" and not args.sft_only)
     if not enabled:
         return False
     how = check_attention(attn, "model")
     if ref_model is not None:
-        check_attention(_attn_implementation(ref_model), "ref_model")
+        check_attention(attn_implementation(ref_model), "ref_model")
     logger.info("Prefix sharing: one [prompt | chosen | rejected] row per pair, the prompt run once; attention: %s.",
                 how)
     return True
@@ -184,45 +149,6 @@ def _chosen_half(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         chosen = {k: inputs[k][:pairs] for k in ("input_ids", "attention_mask", "labels")}
     chosen["cu_seqlens"] = cu[: pairs + 1]
     return chosen
-
-
-def _is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
-
-
-def model_fingerprint(model: nn.Module, frozen_only: bool = False, include_config: bool = True) -> str:
-    """A hash identifying a model's weights: config, parameter names, shapes, dtypes and up to 4096 evenly spaced
-    values of every parameter (enough to tell checkpoints apart without hashing gigabytes). `frozen_only` hashes
-    only parameters that do not require grad (a PEFT model's base weights, not its freshly initialised adapter);
-    `include_config=False` leaves the config out (the Trainer edits runtime flags such as `use_cache` in it)."""
-    hasher = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if include_config and config is not None and hasattr(config, "to_json_string"):
-        hasher.update(config.to_json_string(use_diff=False).encode())
-    for name, param in model.named_parameters():
-        if frozen_only and param.requires_grad:
-            continue
-        flat = param.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)]
-        hasher.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
-        hasher.update(sample.float().cpu().numpy().tobytes())
-    return hasher.hexdigest()
-
-
-def dataset_fingerprint(dataset: datasets.Dataset) -> str:
-    """A hash of the token ids of a tokenised preference dataset (row order included)."""
-    hasher = hashlib.sha256()
-    table = dataset.select_columns([PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS]).flatten_indices().data.table
-    for name in (PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS):
-        column = table.column(name).combine_chunks()
-        hasher.update(name.encode())
-        hasher.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
-        hasher.update(pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
-    return hasher.hexdigest()
 
 
 def _tokenize(dataset: datasets.Dataset, name: str, tokenizer, args: TISDPOConfig) -> datasets.Dataset:
@@ -245,8 +171,6 @@ def _tokenize(dataset: datasets.Dataset, name: str, tokenizer, args: TISDPOConfi
         tokenization=args.tokenization,
     )
     if args.weight_transform in PER_RESPONSE_TRANSFORMS and CHOSEN_WEIGHTS in tokenized.column_names:
-        from .weights import transform_token_weights
-
         tokenized = transform_token_weights(tokenized, args.weight_transform, args.weight_transform_kwargs,
                                             num_proc=args.dataset_num_proc)
     return tokenized
@@ -377,7 +301,7 @@ class TISDPOTrainer(Trainer):
                 raise ImportError("`peft_config` needs the `peft` package (pip install peft)") from err
             set_seed(args.seed)  # the adapter's initialisation depends on args.seed only, as in TRL
             model = get_peft_model(model, peft_config)
-        _check_architecture(model, "model")
+        check_architecture(model, "model")
 
         needs_ref = not args.sft_only
         if isinstance(ref_model, str):
@@ -386,14 +310,14 @@ class TISDPOTrainer(Trainer):
             ref_model = AutoModelForCausalLM.from_pretrained(ref_model, **ref_kwargs)
         if not needs_ref and ref_model is not None:
             raise ValueError("loss_type='sft' uses no reference model; do not pass `ref_model`")
-        if args.sync_ref_model and _is_peft_model(model):
+        if args.sync_ref_model and is_peft_model(model):
             raise ValueError(
                 "`sync_ref_model=True` is not supported with PEFT: the reference is the base model with the adapter "
                 "disabled, there is no separate reference model to update. Set sync_ref_model=False."
             )
         # the frozen copy of the initial policy, when one is needed: built lazily (`_ensure_ref_model`)
         self._build_ref = None
-        if needs_ref and ref_model is None and not _is_peft_model(model) and not args.precompute_ref_log_probs:
+        if needs_ref and ref_model is None and not is_peft_model(model) and not args.precompute_ref_log_probs:
             self._build_ref = self._ref_builder(model, model_id, init_kwargs)
         if ref_model is not None:
             self._setup_ref_model(ref_model, model)
@@ -402,8 +326,8 @@ class TISDPOTrainer(Trainer):
             if m is not None:
                 self._prepare_module(m, args)
 
-        attn = _attn_implementation(model)
-        if args.padding_free and not _packing_supported(attn):
+        attn = attn_implementation(model)
+        if args.padding_free and not packing_supported(attn):
             raise ValueError(
                 f"padding_free=True needs an attention implementation that handles packed position_ids exactly "
                 f"({PACKING_ATTENTION}); the model uses {attn!r}"
@@ -494,7 +418,7 @@ class TISDPOTrainer(Trainer):
 
     @staticmethod
     def _setup_ref_model(ref_model: nn.Module, model: nn.Module) -> None:
-        _check_architecture(ref_model, "ref_model")
+        check_architecture(ref_model, "ref_model")
         ref_model.requires_grad_(False).eval()
         if ref_model.get_output_embeddings().weight.shape[0] != model.get_output_embeddings().weight.shape[0]:
             raise ValueError("`ref_model` and `model` have LM heads of different vocabulary sizes")
@@ -544,52 +468,29 @@ class TISDPOTrainer(Trainer):
 
     def _hidden_states(self, model: nn.Module, inputs: dict[str, torch.Tensor],
                        router_aux: bool = False) -> torch.Tensor:
-        """Last hidden states `[rows, T, D]` of `model` (possibly wrapped), with the LM head applied to no position.
-        `router_aux`: also keep the model's MoE load-balancing loss in `self._aux_loss`."""
-        decoder = self.accelerator.unwrap_model(model).get_decoder()
-        captured: list[torch.Tensor] = []
-
-        def keep(_module, _args, output):
-            captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
-
-        if PREFIX_DOC_IDS in inputs:  # [prompt | chosen | rejected] rows: the 4-D mask (or block mask) of tisdpo.prefix
-            kwargs = prefix_model_inputs(inputs, _attn_implementation(decoder),
-                                         decoder.get_input_embeddings().weight.dtype)
-        else:
-            kwargs = {"input_ids": inputs["input_ids"]}
-            if "attention_mask" in inputs:
-                kwargs["attention_mask"] = inputs["attention_mask"]
-            if "position_ids" in inputs:
-                kwargs["position_ids"] = inputs["position_ids"]
+        """Last hidden states `[rows, T, D]` of `model` (possibly wrapped), with the LM head applied to no position
+        (`tisdpo.modeling.decoder_hidden_states`). `router_aux`: also keep the model's MoE load-balancing loss in
+        `self._aux_loss`."""
+        hidden, aux_loss = decoder_hidden_states(model, inputs, self.accelerator.unwrap_model(model), router_aux)
         if router_aux:
-            kwargs["output_router_logits"] = True
-        no_positions = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
-        handle = decoder.register_forward_hook(keep)
-        try:
-            output = model(**kwargs, use_cache=False, logits_to_keep=no_positions)
-        finally:
-            handle.remove()
-        if router_aux:
-            self._aux_loss = output.aux_loss
-        if len(captured) != 1:
-            raise RuntimeError(f"expected one decoder forward per model call, saw {len(captured)}")
-        return captured[0]
+            self._aux_loss = aux_loss
+        return hidden
 
     def _ref_hidden_states(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, nn.Module]:
         """Reference hidden states and the reference LM head, without grad."""
         self._ensure_ref_model()
         with torch.no_grad():
             if self.ref_model is not None:
-                head = _lm_head(self.accelerator.unwrap_model(self.ref_model))
+                head = lm_head(self.accelerator.unwrap_model(self.ref_model))
                 return self._hidden_states(self.ref_model, inputs), head
             policy = self.accelerator.unwrap_model(self.model)
-            if not _is_peft_model(policy):
+            if not is_peft_model(policy):
                 raise ValueError(
                     "this batch has no reference log-probs and the trainer has no reference model (data prepared "
                     "without precompute_ref_log_probs?)"
                 )
             with policy.disable_adapter():
-                return self._hidden_states(policy, inputs), _lm_head(policy)
+                return self._hidden_states(policy, inputs), lm_head(policy)
 
     # ------------------------------------------------------------------------------------------------------------
     # loss
@@ -627,7 +528,7 @@ class TISDPOTrainer(Trainer):
             )
             self._announced_objective, self._announced_weighted = True, weighted
         hidden = self._hidden_states(model, inputs, router_aux=self._aux_loss_enabled)
-        head = _lm_head(self.accelerator.unwrap_model(model))
+        head = lm_head(self.accelerator.unwrap_model(model))
         dim = hidden.shape[-1]
         tensors: dict[str, Any] = {}
         if "ref_logps" in inputs:
@@ -679,9 +580,10 @@ class TISDPOTrainer(Trainer):
         cu = chosen["cu_seqlens"]
         pairs = cu.numel() - 1
         hidden = self._hidden_states(model, chosen, router_aux=self._aux_loss_enabled)
-        head = _lm_head(self.accelerator.unwrap_model(model))
+        head = lm_head(self.accelerator.unwrap_model(model))
         labels = chosen["labels"].reshape(-1)
-        logps = head_forward(head, _logprobs_fn(labels, self.args), hidden.reshape(-1, hidden.shape[-1]))
+        logps = head_forward(head, label_logprobs_fn(labels, self.args.loss_backend, self.args.loss_chunk_size),
+                             hidden.reshape(-1, hidden.shape[-1]))
         lengths = (cu[1:] - cu[:-1]).to(device=logps.device, dtype=torch.long)
         seq_ids = torch.arange(pairs, device=logps.device).repeat_interleave(lengths)
         sums = torch.zeros(pairs, dtype=logps.dtype, device=logps.device).index_add(0, seq_ids, logps)
@@ -784,7 +686,7 @@ class TISDPOTrainer(Trainer):
     def _ref_cache_path(self, dataset: datasets.Dataset, source: nn.Module) -> str:
         root = self.args.ref_logps_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "tisdpo", "ref_logps")
         # a PEFT policy serves as reference with its adapter disabled: only its frozen base weights matter
-        adapter_off = _is_peft_model(source)
+        adapter_off = is_peft_model(source)
         key = hashlib.sha256(
             f"{_REF_CACHE_VERSION}|{dataset_fingerprint(dataset)}|{model_fingerprint(source, adapter_off)}|"
             f"adapter_disabled={adapter_off}".encode()
@@ -829,7 +731,7 @@ class TISDPOTrainer(Trainer):
         device = self.accelerator.device
         was_training = source.training
         source.eval()
-        adapter_off = source.disable_adapter() if _is_peft_model(source) else contextlib.nullcontext()
+        adapter_off = source.disable_adapter() if is_peft_model(source) else contextlib.nullcontext()
         out: dict[str, list] = {c: [] for c in (REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS)}
         logger.info("Precomputing reference log-probs for %d %s pairs (%d per batch) on %s.", len(dataset), name,
                     batch_size, device)
@@ -839,12 +741,9 @@ class TISDPOTrainer(Trainer):
             with adapter_off:
                 for batch in progress:
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    hidden = self._hidden_states(source, batch)
-                    head = _lm_head(source)
-                    labels = batch["labels"].reshape(-1)
-                    logps = head_forward(head, _logprobs_fn(labels, self.args, batch.get("row_index")),
-                                         hidden.reshape(-1, hidden.shape[-1]))
-                    sequences = split_responses(logps, labels, batch["cu_seqlens"])
+                    logps = token_logps(source, batch, self.args.loss_backend, self.args.loss_chunk_size,
+                                        self.accelerator.unwrap_model(source))
+                    sequences = split_responses(logps, batch["labels"], batch["cu_seqlens"])
                     pairs = len(sequences) // 2
                     for s, values in enumerate(sequences):
                         out[REF_CHOSEN_LOGPS if s < pairs else REF_REJECTED_LOGPS].append(values.numpy())
@@ -858,4 +757,4 @@ class TISDPOTrainer(Trainer):
         return arrays
 
 
-__all__ = ["TISDPOTrainer", "dataset_fingerprint", "model_fingerprint"]
+__all__ = ["TISDPOTrainer"]

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .data import IGNORE_INDEX, TRL_TOKENIZED_COLUMNS
+from .data import IGNORE_INDEX
+from .formats import TRL_TOKENIZED_COLUMNS
 
 
 class TRLFeatureAliases:

@@ -7,7 +7,8 @@ status 2) instead of a traceback. Rows count from 0, as `dataset[i]` does; lines
 The command line runs the data checks right after loading the data, before any model is loaded; the trainer runs
 the per-row ones again while tokenising (`tisdpo.data`), so the Python API gets the same messages.
 
-This module imports only the standard library and yaml at import time (`tisdpo --help` stays fast).
+This module imports only the standard library, yaml and `tisdpo.formats` at import time (`tisdpo --help` stays
+fast).
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from typing import Any
 
 import yaml
 
+from .formats import DATA_EXTENSIONS, PROMPT_IDS, WEIGHT_COLUMNS, pair_drop_reason
+
 logger = logging.getLogger(__name__)
 
 FLOAT32_MAX = 3.4028234663852886e38
 NONE_STRINGS = ("None", "null")
-WEIGHT_COLUMNS = ("chosen_weights", "rejected_weights")
-DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 
 
 class InputError(ValueError):
@@ -318,7 +319,7 @@ def check_preference_data(dataset, source: str) -> None:
     columns = dataset.column_names
     if len(dataset) == 0:
         raise InputError(f"{source}: has no rows (no preference pairs)")
-    if "prompt_input_ids" not in columns:
+    if PROMPT_IDS not in columns:
         missing = [c for c in ("chosen", "rejected") if c not in columns]
         if missing:
             raise InputError(f"{source}: no {' or '.join(f'`{c}`' for c in missing)} column (columns: "
@@ -372,37 +373,6 @@ def diagnose_json_lines(path: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _blank(response: Any) -> bool:
-    if response is None:
-        return True
-    if isinstance(response, str):
-        return not response.strip()
-    if isinstance(response, list):
-        return all(isinstance(m, dict) and not str(m.get("content") or "").strip() for m in response)
-    return False
-
-
-def pair_drop_reason(example: dict[str, Any]) -> str | None:
-    """Why a raw preference example teaches nothing, or None: `"identical"` (the chosen and rejected responses
-    are the same), `"empty chosen"` / `"empty rejected"` (a response, after removing the prompt, is empty or only
-    whitespace). Examples of types `tokenize_row` rejects are left for it to report."""
-    from .data import extract_prompt
-
-    chosen, rejected = example.get("chosen"), example.get("rejected")
-    if example.get("prompt") is None and chosen is not None and rejected is not None:
-        try:
-            _, chosen, rejected = extract_prompt(chosen, rejected)
-        except TypeError:
-            return None
-    if chosen == rejected:
-        return "identical"
-    if _blank(chosen):
-        return "empty chosen"
-    if _blank(rejected):
-        return "empty rejected"
-    return None
-
-
 _REASON_TEXT = {
     "identical": "identical chosen and rejected responses",
     "empty chosen": "an empty chosen response",
@@ -416,7 +386,7 @@ def _reasons_batch(batch: dict[str, list]) -> dict[str, list]:
 
 
 def drop_degenerate_pairs(dataset, name: str = "train", num_proc: int | None = None):
-    """`dataset` without the pairs `pair_drop_reason` rejects; their count per reason goes to the log."""
+    """`dataset` without the pairs `tisdpo.formats.pair_drop_reason` rejects; their count per reason goes to the log."""
     reasons = dataset.map(_reasons_batch, batched=True, remove_columns=dataset.column_names, num_proc=num_proc,
                           desc=f"Checking {name} preference pairs")["reason"]
     counts = Counter(r for r in reasons if r)

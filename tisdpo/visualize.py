@@ -1,7 +1,7 @@
 """``tisdpo visualize``: token weights of preference pairs as an HTML page and a PNG figure.
 
 Input: a dataset with ``chosen_weights`` / ``rejected_weights`` columns in the convention of
-``tisdpo.weights`` (chosen: ``r_t``, rejected: ``-r_t``, one value per response token of
+``tisdpo.response_weights`` (chosen: ``r_t``, rejected: ``-r_t``, one value per response token of
 ``tisdpo.data.tokenize_row``'s tokenisation). Each response token is coloured by its training weight
 ``w = T(x)`` for the chosen transform (green: above the neutral weight, red: below); the HTML page shows
 the raw reward ``r_t = log pi_plus - log pi_minus`` and the weight on hover.
@@ -9,17 +9,15 @@ the raw reward ``r_t = log pi_plus - log pi_minus`` and the weight on hover.
 
 from __future__ import annotations
 
-import argparse
 import html
 import logging
 import os
 import textwrap
-from collections.abc import Sequence
 
 import torch
 
 from .data import tokenize_row
-from .weights import WEIGHT_TRANSFORMS, example_generator, response_weights, transform_params
+from .response_weights import WEIGHT_TRANSFORMS, example_generator, response_transform_params, response_weights
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +27,7 @@ _NEUTRAL = {"rank_based": None, "random": None, "binary": 0.5}  # None: middle o
 def neutral_weight(transform: str, transform_kwargs: dict | None = None) -> float:
     """The weight that means "no preference" for a transform: ``T(0)`` for elementwise transforms, the
     middle of the range for ``rank_based`` / ``random``, 0.5 for ``binary``."""
-    params = transform_params(transform, transform_kwargs)
+    params = response_transform_params(transform, transform_kwargs)
     if transform in _NEUTRAL:
         value = _NEUTRAL[transform]
         return (params["min_weight"] + params["max_weight"]) / 2 if value is None else value
@@ -52,7 +50,7 @@ def pair_tokens(example: dict, tokenizer, transform: str = "origin", transform_k
     row = tokenize_row(text, tokenizer)
     if row is None:
         raise ValueError("example has an empty prompt or response after tokenisation")
-    seed = transform_params(transform, transform_kwargs).get("seed", 0)
+    seed = response_transform_params(transform, transform_kwargs).get("seed", 0)
     out = {"prompt": tokenizer.decode(row["prompt_input_ids"], skip_special_tokens=True)}
     for side, sign in (("chosen", 1.0), ("rejected", -1.0)):
         ids, x = row[f"{side}_input_ids"], [float(v) for v in example[f"{side}_weights"]]
@@ -304,38 +302,3 @@ def _write_text(path: str, text: str) -> None:
     _ensure_dir(path)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Draw token weights of preference pairs as an HTML page and a PNG figure."""
-    import json
-
-    from transformers import AutoTokenizer
-
-    from .data import load_preference_dataset
-
-    parser = argparse.ArgumentParser(prog="tisdpo visualize", description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", required=True,
-                        help="dataset with weight columns (save_to_disk directory, JSON/JSONL/Parquet file, hub name)")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer name or path (the training tokenizer)")
-    parser.add_argument("--output-dir", default=".")
-    parser.add_argument("--transform", default="origin", choices=WEIGHT_TRANSFORMS)
-    parser.add_argument("--transform-kwargs", type=json.loads, default=None, help="JSON object")
-    parser.add_argument("--eos-weight", type=float, default=None)
-    parser.add_argument("--num-pairs", type=int, default=8)
-    args = parser.parse_args(argv)
-    dataset = load_preference_dataset(args.dataset, split=args.split)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    options = {"transform": args.transform, "transform_kwargs": args.transform_kwargs, "eos_weight": args.eos_weight,
-               "max_pairs": args.num_pairs}
-    for out in (render_html(dataset, tokenizer, os.path.join(args.output_dir, "weights.html"), **options),
-                render_png(dataset, tokenizer, os.path.join(args.output_dir, "weights.png"), **options)):
-        print(out)
-    return 0
-
-
-CLI_COMMANDS = {"visualize": main}
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
-"""Bad input through the `tisdpo` command line (tisdpo/cli.py, tisdpo/validation.py): one line naming the file
-(or option), the line or row and the field, exit status 2, before any model is loaded; and the user's path
-through the README (resume, `--weight_transform rank_based`, progress of the reference precompute, a fast help)."""
+"""Bad input through the `tisdpo` command line (tisdpo/cli.py, tisdpo/commands/, tisdpo/validation.py): one line
+naming the file (or option), the line or row and the field, exit status 2, before any model is loaded; and the user's
+path through the README (resume, `--weight_transform rank_based`, progress of the reference precompute, a fast help)."""
 
 import json
 import logging
@@ -13,9 +13,10 @@ import transformers
 
 from tests.trainer.tiny import dataset_of, no_checkpointing, tiny_llama
 from tisdpo import TISDPOConfig, TISDPOTrainer, cli
+from tisdpo.commands.arguments import parse_train_args
 from tisdpo.data import prepare_preference_dataset
+from tisdpo.response_weights import transform_token_weights
 from tisdpo.validation import InputError, resolve_resume_from_checkpoint
-from tisdpo.weights import transform_token_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROW = {"prompt": "Name a fruit:", "chosen": " apple", "rejected": " rock"}
@@ -176,9 +177,9 @@ def test_none_means_none(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("max_prompt_length: None\nkl: null\n")
     base = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path), "--use_cpu", "true"]
-    _, parsed = cli.parse_train_args([*base, "--kl", "None", "--max_length", "None", "--config", str(config)])
+    _, parsed = parse_train_args([*base, "--kl", "None", "--max_length", "None", "--config", str(config)])
     assert (parsed.kl, parsed.max_length, parsed.max_prompt_length) == (None, None, None)
-    _, parsed = cli.parse_train_args([*base, "--report_to", "none"])  # "none" stays a value where it is one
+    _, parsed = parse_train_args([*base, "--report_to", "none"])  # "none" stays a value where it is one
     assert parsed.report_to in ("none", ["none"], [])
 
 
@@ -227,7 +228,7 @@ def test_empty_and_identical_pairs_are_dropped_with_a_count(tok, caplog):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# section 5: the README path
+# the README path
 # ----------------------------------------------------------------------------------------------------------------
 
 

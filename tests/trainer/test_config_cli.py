@@ -1,7 +1,10 @@
-"""TISDPOConfig defaults and validation, and the `tisdpo` command line (tisdpo/config.py, tisdpo/cli.py)."""
+"""TISDPOConfig defaults and validation, and the `tisdpo` command line (tisdpo/config.py, tisdpo/cli.py,
+tisdpo/commands/)."""
 
+import importlib
 import json
 import os
+import subprocess
 import sys
 import types
 
@@ -11,8 +14,10 @@ import yaml
 
 from tests.trainer.tiny import ASSETS, HH_PATH, no_checkpointing, tiny_llama
 from tisdpo import TISDPOConfig, cli
+from tisdpo.commands.arguments import parse_train_args
 
 RUN_YAML = os.path.join(ASSETS, "tiny_run.yaml")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _config(tmp_path, **kwargs):
@@ -92,7 +97,7 @@ def test_loss_fields_mean_what_they_mean_in_trl(tmp_path):
 def test_cli_loss_type_list_and_weights():
     argv = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", "o", "--use_cpu", "true",
             "--loss_type", "sigmoid", "sft", "--loss_weights", "1", "0.5", "--ld_alpha", "0.5"]
-    _, config = cli.parse_train_args(argv)
+    _, config = parse_train_args(argv)
     assert config.loss_type == ["sigmoid", "sft"] and config.loss_weights == [1.0, 0.5] and config.ld_alpha == 0.5
 
 
@@ -119,7 +124,7 @@ def test_cli_train_from_yaml_with_flag_override(tmp_path, tok):
     assert state["global_step"] == 2
     assert os.path.exists(out / "config.json") and os.path.exists(out / "tokenizer.json")
 
-    _, parsed = cli.parse_train_args(["--config", RUN_YAML, *flags, "--beta", "0.2"])
+    _, parsed = parse_train_args(["--config", RUN_YAML, *flags, "--beta", "0.2"])
     assert parsed.beta == 0.2 and parsed.max_steps == 5 and parsed.learning_rate == 1e-3
     assert parsed.model_init_kwargs == {"dtype": "float32"}
     with open(RUN_YAML) as f:
@@ -127,25 +132,46 @@ def test_cli_train_from_yaml_with_flag_override(tmp_path, tok):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(dict(config, betta=0.3)))
     with pytest.raises(SystemExit):
-        cli.parse_train_args(["--config", str(bad), *flags])
+        parse_train_args(["--config", str(bad), *flags])
 
 
-def test_cli_dispatch_and_plugins(monkeypatch, capsys):
+def test_cli_dispatch(monkeypatch, capsys):
+    """`tisdpo <command>` imports the command's module from the table when it runs and passes it the rest of argv."""
     calls = []
-    plugin = types.ModuleType("tisdpo_fake_plugin")
+    module = types.ModuleType("tisdpo_fake_command")
 
     def demo(argv):
-        """Run the demo."""
         calls.append(argv)
         return 3
 
-    plugin.CLI_COMMANDS = {"demo": demo}
-    monkeypatch.setitem(sys.modules, "tisdpo_fake_plugin", plugin)
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: name == "tisdpo_fake_plugin" or None)
-    monkeypatch.setattr(cli, "PLUGIN_MODULES", ("tisdpo_fake_plugin", "tisdpo.not_there"))
+    module.main = demo
+    monkeypatch.setitem(sys.modules, "tisdpo_fake_command", module)
+    monkeypatch.setattr(cli, "COMMANDS", {"demo": ("tisdpo_fake_command:main", "Run the demo.")})
     assert cli.main(["demo", "--fast"]) == 3 and calls == [["--fast"]]
     assert cli.main(["--help"]) == 0
     assert "demo" in capsys.readouterr().out
     assert cli.main(["nope"]) == 2
     assert "unknown command 'nope'" in capsys.readouterr().err
     assert cli.main([]) == 2
+
+
+def test_command_table_names_each_entry_point():
+    """Every `COMMANDS` entry names a `main(argv)` of `tisdpo.commands` whose docstring starts with the summary the
+    help prints."""
+    assert list(cli.COMMANDS) == ["train", "estimate-weights", "contrastive", "visualize", "demo"]
+    for name, (target, summary) in cli.COMMANDS.items():
+        module_name, _, function = target.partition(":")
+        assert module_name.startswith("tisdpo.commands.") and function == "main", name
+        entry = getattr(importlib.import_module(module_name), function)
+        assert entry.__doc__.strip().splitlines()[0] == summary, name
+
+
+def test_python_dash_m_tisdpo():
+    """`python -m tisdpo` is the `tisdpo` command (`accelerate launch ... -m tisdpo train ...` runs it)."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    done = subprocess.run([sys.executable, "-m", "tisdpo", "--help"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: tisdpo <command> [args]")
+    for name in cli.COMMANDS:
+        assert f"  {name} " in done.stdout
+    assert subprocess.run([sys.executable, "-m", "tisdpo"], capture_output=True, text=True, env=env).returncode == 2

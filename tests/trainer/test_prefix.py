@@ -254,8 +254,8 @@ def test_estimated_weights_equal_unshared(tok, tmp_path, method):
 
 
 def test_linear_logprobs_of_a_shared_batch_match_the_unshared_batch(tok):
-    """tisdpo.weights.token_logps on a shared batch = fused_linear_logprobs on the unshared one (float64)."""
-    from tisdpo.weights import token_logps
+    """tisdpo.modeling.token_logps on a shared batch = fused_linear_logprobs on the unshared one (float64)."""
+    from tisdpo.modeling import token_logps
 
     model = tiny_llama(len(tok), seed=2).double()
     ds = prepare_preference_dataset(dataset_of(synthetic_pairs(4)), tok)
@@ -270,7 +270,7 @@ def test_linear_logprobs_of_a_shared_batch_match_the_unshared_batch(tok):
 
 
 def test_config_cli_and_attention_checks(tok, quick_args, caplog):
-    from tisdpo.cli import parse_train_args
+    from tisdpo.commands.arguments import parse_train_args
 
     assert TISDPOConfig(**quick_args).prefix_sharing is None
     with pytest.raises(ValueError, match="prefix_sharing"):

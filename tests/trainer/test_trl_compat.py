@@ -1,4 +1,4 @@
-"""A TRL DPOTrainer user switching the import: arguments, config fields, data and the silent differences of issue 15
+"""A TRL DPOTrainer user switching the import: arguments, config fields, data and the silent differences from TRL
 (tisdpo/trainer.py, tisdpo/config.py, tisdpo/data.py, tisdpo/trl_compat.py, tisdpo/offload.py, tisdpo/model_card.py).
 """
 

@@ -9,7 +9,7 @@ from tisdpo import TISDPOConfig
 from tisdpo.contrastive import contrastive_configs, train_contrastive_models
 from tisdpo.data import PreferenceCollator, load_preference_dataset, tokenize_row
 from tisdpo.demo import build_model, build_tokenizer, make_preference_dataset
-from tisdpo.weights import token_logps
+from tisdpo.modeling import token_logps
 
 
 def _args(tmp_path, **kw):

@@ -1,4 +1,4 @@
-"""Token-reward estimation on long HH-style dialogues (issue 11, section 2): the trainer's truncation with a
+"""Token-reward estimation on long HH-style dialogues: the trainer's truncation with a
 position-limited model, self-describing shards, two runs sharing a cache, cache logs, the shared YAML, and the
 trainer's error naming the row."""
 
@@ -14,6 +14,7 @@ from tests.trainer.tiny import build_tokenizer, dataset_of, hh_records
 from tests.weights.test_estimate import _reference_response_logps
 from tisdpo.config import TISDPOConfig
 from tisdpo.data import prepare_preference_dataset, tokenize_row
+from tisdpo.formats import extract_prompt
 
 N_POSITIONS = 64  # the model cannot see more tokens: an untruncated long dialogue is an IndexError
 
@@ -44,7 +45,7 @@ def long_dialogues(n=6):
     for i in range(n):
         history = "".join(records[(i + j) % len(records)]["chosen"] for j in range(1 + i % 4))
         last = records[i % len(records)]
-        prompt, chosen, rejected = W.extract_prompt(last["chosen"], last["rejected"])
+        prompt, chosen, rejected = extract_prompt(last["chosen"], last["rejected"])
         if i % 3 == 2:
             chosen = chosen * 4
         rows.append({"chosen": history + prompt + chosen, "rejected": history + prompt + rejected})

@@ -1,4 +1,4 @@
-"""Property tests of the token-weight transforms (tisdpo/weights.py, DESIGN §1 "Token weights")."""
+"""Property tests of the token-weight transforms (tisdpo/response_weights.py, `docs/design.md §1.4`)."""
 
 import math
 
@@ -8,13 +8,13 @@ from datasets import Dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tisdpo.weights import (
+from tisdpo.response_weights import (
     PER_RESPONSE_TRANSFORMS,
     WEIGHT_TRANSFORMS,
     example_generator,
     pair_weights,
+    response_transform_params,
     response_weights,
-    transform_params,
     transform_token_weights,
 )
 from tisdpo_kernels.transforms import ELEMENTWISE_TRANSFORMS, apply_weight_transform
@@ -130,9 +130,9 @@ def test_random_differs_across_examples_and_sides():
 @SETTINGS
 @given(c=responses, r=responses)
 def test_pair_sign_convention(name, c, r):
-    """Chosen tokens take T(r), rejected tokens T(-r) (DESIGN §1)."""
+    """Chosen tokens take T(r), rejected tokens T(-r) (`docs/design.md §1.4`)."""
     wc, wr = pair_weights(_t(c), _t(r), name, index=5)
-    seed = transform_params(name).get("seed", 0)
+    seed = response_transform_params(name).get("seed", 0)
     torch.testing.assert_close(wc, response_weights(_t(c), name, generator=example_generator(seed, 5, "chosen")))
     torch.testing.assert_close(wr, response_weights(-_t(r), name, generator=example_generator(seed, 5, "rejected")))
 
@@ -205,4 +205,4 @@ def test_bad_input(call, match):
 def test_per_response_names_are_not_elementwise():
     assert set(PER_RESPONSE_TRANSFORMS).isdisjoint(ELEMENTWISE_TRANSFORMS)
     with pytest.raises(TypeError, match="seed"):
-        transform_params("random", {"seed": 1.5})
+        response_transform_params("random", {"seed": 1.5})

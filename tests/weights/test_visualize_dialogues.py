@@ -1,4 +1,4 @@
-"""tisdpo.visualize on real-format dialogues (issue 11, section 4): a multi-turn HH-style pair with a 600-word
+"""tisdpo.visualize on real-format dialogues: a multi-turn HH-style pair with a 600-word
 prompt gives a bounded picture whose text boxes do not overlap, headers sit on their own pair, newlines are kept."""
 
 import re
