@@ -457,10 +457,10 @@ class TISDPOConfig(TrainingArguments):
                 raise ValueError(f"`{name}` must be None or >= 1, got {value}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"`max_length` must be >= 2 (one prompt and one response token), got {self.max_length}")
-        if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
-            raise ValueError(f"`precompute_ref_batch_size` must be >= 1, got {self.precompute_ref_batch_size}")
-        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
-            raise ValueError(f"`loss_chunk_size` must be >= 1, got {self.loss_chunk_size}")
+        for name in ("precompute_ref_batch_size", "loss_chunk_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {value}")
 
     def _validate_loss(self) -> None:
         # raises a ValueError naming loss_type / loss_weights / label_smoothing / discopop_tau on a bad value

@@ -38,10 +38,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .config import TISDPOConfig
+from .contrastive import train_contrastive_models
 from .data import PreferenceCollator, tokenize_row
 from .modeling import token_logps
 from .response_weights import PER_RESPONSE_TRANSFORMS, transform_token_weights
 from .trainer import TISDPOTrainer
+from .visualize import render_html, render_png
 from .weights import estimate_token_weights
 
 GOOD_WORDS = ("kind", "honest", "safe", "clear", "helpful", "gentle")
@@ -296,9 +298,6 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True, log=pri
 
 
 def _run_demo(cfg: DemoConfig, progress: bool, log) -> DemoResult:
-    from .contrastive import train_contrastive_models
-    from .visualize import render_html, render_png
-
     start = time.perf_counter()
     os.makedirs(cfg.output_dir, exist_ok=True)
     tokenizer = build_tokenizer()

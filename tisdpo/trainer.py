@@ -7,7 +7,8 @@ while a forward hook on the decoder body keeps the last hidden states, and
 and its metrics without materialising `[tokens, vocab]` logits. The decoder call goes through the wrapped model
 (DDP, FSDP2, DeepSpeed as prepared by accelerate) and the loss gets the whole head weight from
 `tisdpo.distributed.head_forward` (a ZeRO-3 gather through the head module's forward, an FSDP2 unshard of the
-head's group), with the engine reducing its gradient as for any layer.
+head's group), with the engine reducing its gradient as for any layer. That route (hidden states, then the head's
+call) is `tisdpo.modeling`'s, shared with the weight estimator (`docs/design.md §6`).
 
 Reference log-probs come from (in this order of precedence): precomputed per-token values cached on disk
 (`precompute_ref_log_probs=True`), an explicit frozen `ref_model`, the PEFT base model with its adapter disabled,
