@@ -1,4 +1,4 @@
-"""Token weights for TIS-DPO: their estimation from a contrastive model pair (``docs/design.md §1.4``, §1.5).
+"""Token weights for TIS-DPO: their estimation from a contrastive model pair (``docs/design.md §1.4`` and ``§1.5``).
 
 Token reward: ``r_t = log pi_plus(y_t) - log pi_minus(y_t)`` for every response token, from a "good" model
 ``pi_plus`` and a "bad" model ``pi_minus``. ``estimate_token_weights(dataset, pi_plus, pi_minus, tokenizer,

@@ -1,7 +1,7 @@
-"""The argument helpers the `tisdpo` commands share: `TrainArguments` (what to train on), the YAML + flags parsing of
-`tisdpo train` (`parse_train_args`, also read by `tisdpo contrastive`), and the `--config file.yaml` defaults of the
-argparse commands (`apply_yaml_defaults`, `parse_with_yaml`). Bad input is an `InputError` naming the file, the line
-and the field, or an argparse usage error (exit status 2).
+"""The argument helpers the `tisdpo` commands share: `TrainArguments` (what to train on), the YAML + flags parsing
+of `tisdpo train` (`parse_train_args`, also read by `tisdpo contrastive`), the `--config file.yaml` defaults of the
+argparse commands (`apply_yaml_defaults`, `parse_with_yaml`) and their flag types (`optional_int`, `auto_bool`).
+Bad input is an `InputError` naming the file, the line and the field, or an argparse usage error (exit status 2).
 """
 
 from __future__ import annotations
@@ -112,3 +112,23 @@ def parse_with_yaml(parser: argparse.ArgumentParser, argv: Sequence[str] | None)
     args = parser.parse_args(rest)
     ours = {a.dest for a in parser._actions}
     return argparse.Namespace(**{k: v for k, v in vars(args).items() if k in ours})
+
+
+def optional_int(text: str) -> int | None:
+    """argparse type: a positive int, or ``None``/``none``/``null`` for no limit."""
+    if text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int or None, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int or None, got {text!r}")
+    return value
+
+
+def auto_bool(value) -> bool | None:
+    """``--padding-free`` / ``--prefix-sharing`` ``auto|true|false``, or the trainer YAML's ``true|false|null``."""
+    if value is None or isinstance(value, bool):
+        return value
+    return {"auto": None, "true": True, "false": False}[value]

@@ -22,27 +22,7 @@ from ..weights import (
     TRUNCATION_OPTIONS,
     estimate_token_weights,
 )
-from .arguments import parse_with_yaml
-
-
-def _optional_int(text: str) -> int | None:
-    """argparse type: a positive int, or ``None``/``none``/``null`` for no limit."""
-    if text.strip().lower() in ("none", "null"):
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int or None, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int or None, got {text!r}")
-    return value
-
-
-def _auto_bool(value) -> bool | None:
-    """``--padding-free`` / ``--prefix-sharing`` ``auto|true|false``, or the trainer YAML's ``true|false|null``."""
-    if value is None or isinstance(value, bool):
-        return value
-    return {"auto": None, "true": True, "false": False}[value]
+from .arguments import auto_bool, optional_int, parse_with_yaml
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--padding-free", choices=("auto", "true", "false"), default="auto",
                         help="pack the sequences of a batch without padding (auto: with flash/flex attention)")
     for name in TRUNCATION_OPTIONS[:3]:
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_optional_int,
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=optional_int,
                             default=TRUNCATION_DEFAULTS[name],
                             help=f"the trainer's `{name}` (TISDPOConfig; default %(default)s; None: no limit)")
     parser.add_argument("--truncation-mode", choices=TRUNCATION_MODES,
@@ -114,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset, pi_plus, pi_minus, tokenizer, method=args.method,
         system_prompts=(args.good_system_prompt, args.bad_system_prompt), batch_size=args.batch_size,
         shard_size=args.shard_size, cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress,
-        padding_free=_auto_bool(args.padding_free),
-        prefix_sharing=_auto_bool(args.prefix_sharing),
+        padding_free=auto_bool(args.padding_free),
+        prefix_sharing=auto_bool(args.prefix_sharing),
         tokenization=args.tokenization,
         **{name: getattr(args, name) for name in TRUNCATION_OPTIONS},
     )
