@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 12): run first thing on a GPU machine, then commit OUT/summary.{md,json}
+# The prepared GPU check (docs/design.md §7): run first thing on a GPU machine, then commit OUT/summary.{md,json}
 # as benchmarks/results/<device>.{md,json}. Offline machine: install the carried wheels first
 # (benchmarks/fetch_gpu_wheels.sh, run where PyPI is reachable, writes .whl/).
 #   benchmarks/gpu_check.sh OUT_DIR            # GPU, <= 8 minutes, each stage under its own timeout

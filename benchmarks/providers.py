@@ -146,7 +146,7 @@ def make_inputs(case: Case, variant: str, device: torch.device | str, seed: int 
 
 def weighted_pair_loss(inputs: BenchInputs, logps_rows: torch.Tensor, token_kl_rows: torch.Tensor | None = None,
                        ref_logps_rows: torch.Tensor | None = None):
-    """TIS-DPO loss (DESIGN §1) from per-token policy log-probs of the response rows ``[N]`` (fp32).
+    """TIS-DPO loss (docs/design.md §1.2, §1.3) from per-token policy log-probs of the response rows ``[N]`` (fp32).
 
     ``M_s = sum_t w_t (lp_t - lpref_t)``, ``h = M_c - M_r`` (``- alpha (K_c - K_r)`` with the token KL,
     ``K_s = sum_t w_t KL_t``), ``loss = mean(-log sigmoid(beta h))``. ``lpref`` is
