@@ -247,7 +247,7 @@ def split_plan(n: int, vocab: int, dim: int, dtype: torch.dtype, kl: bool, cap: 
     per = scratch_bytes_per_element(dtype, kl, bias)
     unit = SPLIT_COLUMN_MULTIPLE
     n = max(n, 1)
-    widest = min(SPLIT_MAX_COLUMNS, triton.cdiv(vocab, unit) * unit)
+    widest = min(SPLIT_MAX_COLUMNS, triton.cdiv(max(vocab, 1), unit) * unit)
     whole = min(widest, cap // (n * per) // unit * unit)
     preferred = min(SPLIT_PREFERRED_COLUMNS, widest)
     if whole >= preferred:
