@@ -48,9 +48,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NO_CUDA = "n/a (no CUDA)"
 
-# Seconds: the preflight, each bench row, the bench rows together, the tests. With the parent's start-up
-# they stay under the 480 s of gpu_check.sh (wheel install included); the tests' 130 s cover ~70 cold Triton compiles of the
-# gpu-marked kernel tests (they were given 100 s).
+# Seconds: the preflight, each bench row, the bench rows together, the tests. With the parent's start-up and
+# the wheel install they stay under the 480 s of gpu_check.sh; the tests' 130 s cover the ~70 cold Triton
+# compiles of the gpu-marked kernel tests (they were given 100 s).
 LIMITS = {"preflight": 60, "row": 75, "bench": 250, "tests": 130}
 SMOKE_LIMITS = {"preflight": 150, "row": 150, "bench": 600, "tests": 150}
 
@@ -504,9 +504,9 @@ def _markdown(results: dict) -> str:
                 continue
             peak = r["peak_extra_bytes"]
             mib = ("", "") if peak is None else (f"{peak / 2**20:.0f}", f"{(peak - r['grad_bytes']) / 2**20:.0f}")
-            lines.append(f"| {r['name']} | {r['provider']} | {r['reference']} | {r['kl']} | {r['forward_s'] * 1e3:.1f} | "
-                         f"{r['backward_s'] * 1e3:.1f} | {r['total_s'] * 1e3:.1f} | {r['vs_floor']:.2f} | {mib[0]} | "
-                         f"{mib[1]} |")
+            lines.append(f"| {r['name']} | {r['provider']} | {r['reference']} | {r['kl']} | "
+                         f"{r['forward_s'] * 1e3:.1f} | {r['backward_s'] * 1e3:.1f} | {r['total_s'] * 1e3:.1f} | "
+                         f"{r['vs_floor']:.2f} | {mib[0]} | {mib[1]} |")
         lines.append("")
     tests = results.get("tests", {})
     if "summary" in tests:

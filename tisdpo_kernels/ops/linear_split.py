@@ -56,7 +56,6 @@ through the full loss in ``tests/kernels/test_loss_triton.py``; compiled for sm_
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 from dataclasses import dataclass
