@@ -29,7 +29,8 @@ BF16_PEAK_TFLOPS = (
     ("A10G", 70.0),
 )
 
-_PACKAGES = ("torch", "triton", "liger-kernel", "cut-cross-entropy", "tisdpo", "pytest-benchmark")
+_PACKAGES = ("torch", "triton", "transformers", "liger-kernel", "cut-cross-entropy", "datasets", "pyarrow", "fsspec",
+             "tisdpo", "pytest-benchmark")
 
 
 def bench_device() -> torch.device:
@@ -109,11 +110,15 @@ def library_versions() -> dict[str, str]:
 
         versions["tisdpo"] = f"{tisdpo_kernels.__version__} (source tree)"
     repo = Path(__file__).resolve().parent.parent
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "tisdpo_kernels", "benchmarks"], cwd=repo,
-                           capture_output=True, text=True)
-    versions["git_commit"] = (commit.stdout.strip() + ("+local changes" if dirty.stdout.strip() else "")
-                              if commit.returncode == 0 else "none")
+    try:  # a copied tree (a GPU machine) may have neither git nor .git
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tisdpo_kernels", "benchmarks"], cwd=repo,
+                               capture_output=True, text=True)
+    except OSError as exc:
+        versions["git_commit"] = f"unknown (git: {exc.strerror or exc})"
+    else:
+        versions["git_commit"] = (commit.stdout.strip() + ("+local changes" if dirty.stdout.strip() else "")
+                                  if commit.returncode == 0 else "none")
     if torch.cuda.is_available():
         versions["cuda"] = str(torch.version.cuda)
     return versions

@@ -23,15 +23,15 @@ from tisdpo_kernels.reference import reference_linear_logprobs, reference_token_
 
 from .helpers import assert_close_to_truth, make_head, upstream_grad
 
-N, V, D, D_REF = 37, 301, 24, 23  # D small enough that 10-row chunks + the [128, D] dW buffer undercut whole rows
+N, V, D, D_REF = 37, 301, 24, 23  # D small enough that 10-row chunks + the [256, D] dW buffer undercut whole rows
 
 
 def _cap(dtype, kl, layout):
-    """A scratch cap giving ``layout``: "whole" (all rows, 128-col splits: 128+128+45), "chunked" (10-row chunks)."""
+    """A scratch cap giving ``layout``: "whole" (all rows, 256-col splits: 256+45), "chunked" (10-row chunks)."""
     per = scratch_bytes_per_element(dtype, kl)
     if layout == "whole":
-        return N * 128 * per
-    return 128 * D * 4 + 10 * 128 * per
+        return N * 256 * per
+    return 256 * D * 4 + 10 * 256 * per
 
 
 # bf16/fp16 round dz to the input dtype (round-to-nearest, eps/2 per element) before the dH / dW GEMMs, as
@@ -67,7 +67,7 @@ def _truth_and_same(fn, tensors, grads_of, upstream):
 def test_logprobs_match_reference(dtype, elementwise, layout, device):
     hidden, weight, b, labels = make_head(N, V, D, dtype, device, seed=1)
     plan = split_plan(N, V, D, dtype, False, _cap(dtype, False, layout))
-    assert plan.cols == 128 and plan.chunked == (layout == "chunked")
+    assert plan.cols == 256 and plan.chunked == (layout == "chunked")
     g = upstream_grad(N, device)
     ours = split_linear_logprobs(hidden, weight, labels, b, scratch_bytes=_cap(dtype, False, layout),
                                  elementwise=elementwise)
@@ -132,7 +132,7 @@ def test_without_bias_and_only_some_gradients(device):
     hidden, weight, _, labels = make_head(N, V, D, torch.float32, device, bias=False, seed=6)
     weight.requires_grad_(False)
     g = upstream_grad(N, device)
-    d_hidden, = torch.autograd.grad(split_linear_logprobs(hidden, weight, labels, scratch_bytes=N * 128 * 4), hidden, g)
+    d_hidden, = torch.autograd.grad(split_linear_logprobs(hidden, weight, labels, scratch_bytes=N * 256 * 4), hidden, g)
     ref, = torch.autograd.grad(reference_linear_logprobs(hidden, weight, labels), hidden, g)
     torch.testing.assert_close(d_hidden, ref, rtol=1e-5, atol=1e-6)
 
@@ -145,7 +145,7 @@ def test_strided_inputs(device):
     bias = torch.randn(600, generator=g).to(device)[::2].requires_grad_()
     labels = torch.randint(0, 300, (58,), generator=g).to(device)[::2]
     up = upstream_grad(29, device)
-    out = split_linear_logprobs(hidden, weight, labels, bias, scratch_bytes=29 * 128 * 5)  # 3 splits
+    out = split_linear_logprobs(hidden, weight, labels, bias, scratch_bytes=29 * 256 * 5)  # 2 splits
     ours = torch.autograd.grad(out, (hidden, weight, bias), up)
     ref = torch.autograd.grad(reference_linear_logprobs(hidden, weight, labels, bias=bias), (hidden, weight, bias), up)
     for o, r in zip(ours, ref, strict=True):
@@ -161,14 +161,15 @@ def test_no_rows(device):
 
 
 def test_split_plan():
-    # rows whole: the widest 128-multiple that fits, at most SPLIT_MAX_COLUMNS
+    # rows whole: the widest 256-multiple that fits, at most SPLIT_MAX_COLUMNS
     assert split_plan(16384, 128256, 4096, torch.bfloat16, False, 192 * 2**20) == \
         linear_split.SplitPlan(rows=16384, cols=2048, chunked=False)
-    assert split_plan(10, 300, 8, torch.float32, False, 1 << 30).cols == 384
-    # 2 x 64k rows: n x 128 alone passes the cap, so rows are chunked and scratch stays bounded
+    assert split_plan(10, 300, 8, torch.float32, False, 1 << 30).cols == 512
+    # 2 x 64k rows: n x 256 alone passes the cap, so rows are chunked (2048-column splits) and scratch stays bounded
     plan = split_plan(131072, 128256, 4096, torch.bfloat16, True, 128 * 2**20)
-    assert plan.cols == 128 and plan.chunked
-    assert plan.rows * plan.cols * scratch_bytes_per_element(torch.bfloat16, True) + 128 * 4096 * 4 <= 128 * 2**20
+    assert plan.cols == 2048 and plan.chunked
+    assert plan.rows * plan.cols * scratch_bytes_per_element(torch.bfloat16, True) + plan.cols * 4096 * 4 \
+        <= 128 * 2**20
     with pytest.raises(ValueError, match="scratch_bytes"):
         split_plan(100, 1000, 4096, torch.float32, False, 1000)
 
@@ -198,7 +199,7 @@ def test_gpu_matches_reference(mode, dtype):
     hidden, weight, b, labels = make_head(n, vocab, dim, dtype, torch.device("cuda"), seed=10)
     ref_hidden, ref_weight, rb, _ = make_head(n, vocab, dim, dtype, torch.device("cuda"), seed=11)
     g, gk = upstream_grad(n, "cuda"), upstream_grad(n, "cuda", torch.Generator().manual_seed(9))
-    cap = 8 * 2**20  # several splits of 128-multiples at these sizes
+    cap = 8 * 2**20  # several splits of 256-multiples at these sizes
     if mode is None:
         outs = (split_linear_logprobs(hidden, weight, labels, b, scratch_bytes=cap),)
         ups = (g,)

@@ -129,7 +129,7 @@ def linear_config(vocab: int, dim: int) -> LinearConfig:
 TARGET_WAVES = 4
 # The all-Triton forward splits the vocabulary at least this many ways, on the fast grid axis: the
 # programs that run together then share a few ``hidden`` row panels in L2 instead of each streaming
-# its own (the issue-12 review counted ~141 GB of hidden re-reads at the Llama-3-8B shape otherwise).
+# its own (a byte count found ~141 GB of hidden re-reads at the Llama-3-8B shape otherwise).
 FWD_SPLITS = 16
 
 
@@ -137,13 +137,21 @@ FWD_SPLITS = 16
 # the vocabulary-split path (``linear_split.py``)
 # ----------------------------------------------------------------------------------------------
 
-# Split widths are multiples of this (a GEMM tile edge); at most SPLIT_MAX_COLUMNS (Megatron-LM's
-# Hopper splits are ~3072 columns; wider buys no GEMM efficiency and costs scratch).
-SPLIT_COLUMN_MULTIPLE = 128
+# Split widths are multiples of this: the 256-column edge of a Hopper bf16 GEMM tile, so that no split
+# leaves a partly filled column of tiles (a 1152-column split at 2 x 8192 rows is 4.5 tile columns, and
+# its tail costs a wave on 132 SMs). At most SPLIT_MAX_COLUMNS (Megatron-LM's Hopper splits are ~3072
+# columns; wider buys no GEMM efficiency and costs scratch). The plan prefers splits of at least
+# SPLIT_PREFERRED_COLUMNS, with row chunks of at least SPLIT_MIN_CHUNK_ROWS when all rows do not fit
+# (a 4096 x 2048 logits block is 256 such tiles, about two waves), over narrower splits of all rows.
+SPLIT_COLUMN_MULTIPLE = 256
 SPLIT_MAX_COLUMNS = 4096
+SPLIT_PREFERRED_COLUMNS = 2048
+SPLIT_MIN_CHUNK_ROWS = 4096
 # Default cap of the split buffers (fp32 logits, dz, the per-split dW accumulator when rows are
-# chunked). At the Llama-3-8B shape (2 x 8192 rows, D=4096, bf16) it gives 2048-column splits, and with
-# the fp32 [n, D] dH accumulator (256 MiB) the extra memory stays under the issue's 0.5 GiB target.
+# chunked). At the Llama-3-8B shape (2 x 8192 rows, D=4096, bf16) it gives 2048-column splits of all
+# rows (two chunks of 8192 rows with a KL mode or a bias), and with the fp32 [n, D] dH accumulator
+# (256 MiB) the extra memory stays under the 0.5 GiB target (448 MiB counted,
+# tests/kernels/test_linear_split_memory.py).
 SPLIT_SCRATCH_BYTES = 192 * 2**20
 
 

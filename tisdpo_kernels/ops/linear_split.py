@@ -1,8 +1,8 @@
 """Vocabulary-split LM head (``backend="split"``): label log-probs, optional two-model KL, fwd + bwd.
 
 Computes what ``linear_logprobs.py`` / ``linear_kl.py`` compute (per-row ``logps``, ``lse`` and, with a
-reference head, ``ref_logps`` and the token KL of DESIGN §1) one vocabulary split of ``S`` columns at a
-time, with the large products on the vendor GEMM and the elementwise work in one Triton pass:
+reference head, ``ref_logps`` and the token KL of docs/design.md §1.3) one vocabulary split of ``S``
+columns at a time, with the large products on the vendor GEMM and the elementwise work in one Triton pass:
 
 - forward, per split ``s`` (and per row chunk when ``n x S`` alone passes the scratch cap):
   ``z = H W_s^T`` (fp32 accumulate, fp32 result), then ``_split_stats_kernel`` merges the split into
@@ -11,37 +11,51 @@ time, with the large products on the vendor GEMM and the elementwise work in one
 - backward, per split: recompute ``z`` (and the reference's ``z_ref`` with a KL mode), one
   ``_split_dz_kernel`` pass forms ``dz = g (onehot - p)`` plus the KL term (TIS ``g_kl p (log p - log q -
   KL)``, TDPO ``g_kl (p - q)``) in the input dtype, then ``dH += dz W_s`` into one fp32 ``[n, D]``
-  buffer and ``dW[s] = dz^T H`` written once, straight in the output dtype (``dbias[s]`` likewise).
-  No fp32 ``[V, D]`` buffer, no atomics: every output element is written by one GEMM or one program in
-  a fixed order, so the gradients are bit-reproducible by construction (``deterministic`` is free).
+  buffer and ``dW[s] = dz^T H`` accumulated in fp32 and rounded once to the output dtype (``dbias[s]``
+  likewise). No fp32 ``[V, D]`` buffer, no atomics: every output element is written by one GEMM or one
+  program in a fixed order, so the gradients are bit-reproducible by construction (``deterministic`` is
+  free).
 
-GEMMs: ``torch.mm`` / ``torch.addmm`` (cuBLAS on CUDA) with ``out_dtype=torch.float32`` for fp16/bf16
-operands where the installed torch supports it on the device (probed once per device, torch >= 2.8 on
-CUDA); the logits then come out of the tensor cores in fp32 without a bf16 rounding, and ``dH``
-accumulates in fp32 in place. Why cuBLAS and not a Triton GEMM with the elementwise work in its
-epilogue: cuBLAS reaches the measured GEMM ceiling at these shapes on Hopper without any tuning of
-ours, the fp32 logits round trip it costs is bounded (see ``benchmarks/README.md``, "byte count"), and
-it keeps this file free of a second GEMM to maintain; the epilogue variant stays an option once GPU
-figures exist. Fallback where ``out_dtype`` is missing (CPU, older torch): the split's operands are
-upcast to fp32 and multiplied in fp32 (tf32 on CUDA) -- correct, slower, and said in ``split_backend``.
-fp32 inputs: tf32 tensor cores on CUDA by default; ``fp32_precision="ieee"`` asks for full fp32 GEMMs.
+GEMMs (``GEMM_ROUTES``, one route per call, ``split_backend`` names it): ``torch.mm`` / ``torch.addmm``
+(cuBLAS on CUDA) with ``out_dtype=torch.float32`` for fp16/bf16 operands where the installed torch
+supports it on the device (``torch.mm`` and ``torch.addmm`` probed apart, once per device; torch >= 2.8 on
+CUDA): the logits come out of the tensor cores in fp32 without a bf16 rounding, ``dH`` accumulates in
+fp32 in place, and ``dW[s]`` is formed in fp32 (in the split's logits scratch, free by then) and rounded
+once, so no GEMM reduces in bf16 whatever ``allow_bf16_reduced_precision_reduction`` says. Where only
+``addmm(out_dtype)`` is refused, the accumulations run as ``mm(out_dtype)`` into that scratch plus
+``add_`` (same memory, one more fp32 pass over each block). Only where ``mm(out_dtype)`` itself is missing
+(CPU, torch < 2.8 on CUDA) are the operands upcast to fp32 per GEMM -- correct, slower, and beyond the
+scratch cap (a warning says by how much on CUDA). Why cuBLAS and not a Triton GEMM with the elementwise
+work in its epilogue: cuBLAS reaches the measured GEMM ceiling at these shapes on Hopper without any
+tuning of ours, the fp32 logits round trip it costs is bounded (see ``benchmarks/README.md``, "byte
+count"), and it keeps this file free of a second GEMM to maintain; the epilogue variant stays an option
+once GPU figures exist.
+
+fp32 inputs on CUDA: this path never sets a torch flag (a process-wide flag flipped inside the loss
+would change other threads' matmuls and be baked into a CUDA-graph capture; torch has no per-call or
+thread-local TF32 switch). It reads the process's cuBLAS setting with the API the installed torch has
+(``torch.backends.cuda.matmul.fp32_precision`` from torch 2.9, ``allow_tf32`` before) and only for fp32
+operands: ``fp32_precision="tf32"`` runs the fp32 GEMMs as the process says (TF32 if it allows it,
+which torch does not by default); ``"ieee"`` guarantees full-precision products: where the process
+allows TF32 they are computed in fp64 and rounded to fp32 (fp64 tensor cores run at the fp32 FFMA rate
+on H100/H200; the fp64 operand copies pass the scratch cap).
 
 Scratch: per call at most ``scratch_bytes`` (default ``_config.SPLIT_SCRATCH_BYTES``) for the split's
 logits, ``dz`` and, when rows are chunked, one fp32 ``[S, D]`` weight-gradient accumulator; plus the fp32
-``[n, D]`` ``dH`` accumulator and ``[n]`` statistics. ``split_plan`` picks ``S`` (a multiple of 128) and
-the row chunk from the cap. Offsets in the kernels are 64-bit. Elementwise work runs in Triton on CUDA
-and under ``TRITON_INTERPRET=1``; on plain CPU tensors the same algorithm runs with torch elementwise ops
-(``elementwise="torch"``), so this backend runs anywhere.
+``[n, D]`` ``dH`` accumulator and ``[n]`` statistics; the scratch is freed before ``dH`` is cast to the
+input dtype. ``split_plan`` picks ``S`` (a multiple of ``SPLIT_COLUMN_MULTIPLE``, preferably at least
+``SPLIT_PREFERRED_COLUMNS``) and the row chunk from the cap. Offsets in the kernels are 64-bit.
+Elementwise work runs in Triton on CUDA and under ``TRITON_INTERPRET=1``; on plain CPU tensors the same
+algorithm runs with torch elementwise ops (``elementwise="torch"``), so this backend runs anywhere.
 
 Tested in ``tests/kernels/test_linear_split.py`` (interpreter, fp32/fp16/bf16 against ``reference.py``,
-determinism, the scratch cap at 2 x 4096 tokens) and through the full loss in
-``tests/kernels/test_loss_triton.py``; compiled for sm_90a in ``tests/kernels/test_gpu_compile.py``.
-Not yet run on a GPU.
+determinism, the scratch cap at 2 x 4096 tokens), ``tests/kernels/test_split_precision.py`` (GEMM routes,
+flags, dW precision), ``tests/kernels/test_linear_split_memory.py`` (bytes at the Llama-3-8B head) and
+through the full loss in ``tests/kernels/test_loss_triton.py``; compiled for sm_90a in
+``tests/kernels/test_gpu_compile.py``. Not yet run on a GPU.
 """
-
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 from dataclasses import dataclass
@@ -50,7 +64,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import SPLIT_COLUMN_MULTIPLE, SPLIT_MAX_COLUMNS, SPLIT_SCRATCH_BYTES, interpreting, split_tiles
+from ._config import (
+    SPLIT_COLUMN_MULTIPLE,
+    SPLIT_MAX_COLUMNS,
+    SPLIT_MIN_CHUNK_ROWS,
+    SPLIT_PREFERRED_COLUMNS,
+    SPLIT_SCRATCH_BYTES,
+    interpreting,
+    split_tiles,
+)
 from .linear_logprobs import KL_MODES, ForwardStats, RefHead, _offsets64, _unit_stride, check_head
 
 FP32_PRECISIONS = ("tf32", "ieee")
@@ -216,20 +238,36 @@ def scratch_bytes_per_element(dtype: torch.dtype, kl: bool, bias: bool = False) 
 
 def split_plan(n: int, vocab: int, dim: int, dtype: torch.dtype, kl: bool, cap: int,
                bias: bool = False) -> SplitPlan:
-    """Split width ``S`` (a multiple of 128, at most ``SPLIT_MAX_COLUMNS``) and rows per chunk such that the
-    split buffers, plus the fp32 ``[S, D]`` weight-gradient accumulator once rows are chunked, fit ``cap``."""
+    """Split width ``S`` (a multiple of ``SPLIT_COLUMN_MULTIPLE``, at most ``SPLIT_MAX_COLUMNS``) and rows per
+    chunk such that the split buffers, plus the fp32 ``[S, D]`` weight-gradient accumulator once rows are
+    chunked, fit ``cap``. First choice that fits: all rows at the widest ``S >= SPLIT_PREFERRED_COLUMNS``;
+    ``S = SPLIT_PREFERRED_COLUMNS`` with balanced row chunks of at least ``SPLIT_MIN_CHUNK_ROWS``; all rows
+    at a narrower ``S``; one ``SPLIT_COLUMN_MULTIPLE`` split with row chunks."""
     per = scratch_bytes_per_element(dtype, kl, bias)
     unit = SPLIT_COLUMN_MULTIPLE
-    widest = min(SPLIT_MAX_COLUMNS, triton.cdiv(vocab, unit) * unit)
-    cols = min(widest, cap // (max(n, 1) * per) // unit * unit)
-    if cols >= unit:
-        return SplitPlan(rows=max(n, 1), cols=cols, chunked=False)
-    cols = unit
-    rows = (cap - cols * dim * 4) // (cols * per)
+    n = max(n, 1)
+    widest = min(SPLIT_MAX_COLUMNS, triton.cdiv(max(vocab, 1), unit) * unit)
+    whole = min(widest, cap // (n * per) // unit * unit)
+    preferred = min(SPLIT_PREFERRED_COLUMNS, widest)
+    if whole >= preferred:
+        return SplitPlan(rows=n, cols=whole, chunked=False)
+    rows = _chunk_rows(n, preferred, dim, per, cap)
+    if rows >= SPLIT_MIN_CHUNK_ROWS:
+        return SplitPlan(rows=rows, cols=preferred, chunked=True)
+    if whole >= unit:
+        return SplitPlan(rows=n, cols=whole, chunked=False)
+    rows = _chunk_rows(n, unit, dim, per, cap)
     if rows < 1:
-        raise ValueError(f"scratch_bytes={cap} is too small for one {cols}-column split at D={dim} "
-                         f"(needs at least {cols * (dim * 4 + per)} bytes)")
-    return SplitPlan(rows=min(rows, n), cols=cols, chunked=rows < n)
+        raise ValueError(f"scratch_bytes={cap} is too small for one {unit}-column split at D={dim} "
+                         f"(needs at least {unit * (dim * 4 + per)} bytes)")
+    return SplitPlan(rows=rows, cols=unit, chunked=rows < n)
+
+
+def _chunk_rows(n: int, cols: int, dim: int, per: int, cap: int) -> int:
+    """Rows per chunk of ``cols``-column splits under ``cap`` (beside the fp32 ``[cols, D]`` accumulator),
+    balanced over the chunks that ``n`` rows then need; < 1 when not even one row fits."""
+    most = (cap - cols * dim * 4) // (cols * per)
+    return most if most < 1 else triton.cdiv(n, triton.cdiv(n, most))
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
@@ -237,64 +275,149 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-@functools.cache
-def _out_dtype_supported(device: torch.device) -> bool:
-    """Whether ``torch.mm/addmm(..., out_dtype=torch.float32)`` works for bf16 operands on ``device``."""
+# How a call's GEMMs run, by route name (``gemm_route``; printed by ``split_backend`` and the benchmarks).
+GEMM_ROUTES = {
+    "out_dtype": "torch.mm/addmm(out_dtype=float32) on the half-precision operands (cuBLAS on CUDA)",
+    "mm_out_dtype+add": "torch.mm(out_dtype=float32) on the half-precision operands; this torch refuses "
+                        "torch.addmm(out_dtype=float32), so dH/dW accumulate through the split's fp32 logits "
+                        "scratch plus add_ (no extra memory, one more fp32 pass per block)",
+    "upcast": "half-precision operands upcast to fp32 per GEMM (no torch.mm(out_dtype=float32) here: CPU, or "
+              "torch < 2.8 on CUDA); correct, slower, beyond the scratch cap",
+    "fp32": "fp32 torch.mm (CPU)",
+    "fp32-tf32": "fp32 torch.mm on TF32 tensor cores, as the process's cuBLAS setting allows (no flag set here)",
+    "fp32-ieee": "fp32 torch.mm in full precision, as the process's cuBLAS setting says (no flag set here; "
+                 "fp32_precision='tf32' cannot turn TF32 on without a process-wide flag)",
+    "fp64": "fp32 operands multiplied in fp64 and rounded to fp32: fp32_precision='ieee' while the process "
+            "allows TF32 (no flag set here; fp64 operand copies beyond the scratch cap)",
+}
+
+
+def _probe_out_dtype(device: torch.device, op: str) -> str | None:
+    """Why ``torch.mm`` (``op="mm"``) or ``torch.addmm`` (``op="addmm"``) with ``out_dtype=torch.float32`` fails
+    for bf16 operands on ``device``; None when it works (right values, meta: right shape)."""
     if device.type not in ("cuda", "meta"):
-        return False
+        return f"no out_dtype GEMMs on {device.type}"
     try:
         a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
-        out = torch.zeros(16, 16, dtype=torch.float32, device=device)
-        torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
-        torch.mm(a, a, out_dtype=torch.float32)
+        out = torch.ones(16, 16, dtype=torch.float32, device=device)
+        if op == "mm":
+            torch.mm(a, a, out_dtype=torch.float32, out=out)
+        else:
+            torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
     except (RuntimeError, TypeError, NotImplementedError) as exc:
-        if device.type == "cuda":
-            warnings.warn(f"backend='split': torch {torch.__version__} has no torch.mm/addmm(out_dtype=float32) on "
-                          f"{device} ({exc}); half-precision GEMMs fall back to fp32 copies of each split's operands "
-                          "(correct, slower, and beyond the scratch cap by one [S, D] fp32 copy)", stacklevel=3)
-        return False
-    return device.type == "meta" or bool((out == 16).all())
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if device.type == "cuda" and not bool((out == (16 if op == "mm" else 17)).all()):
+        return f"torch.{op}(out_dtype=float32) gave wrong values"
+    return None
 
 
-def split_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """How the GEMMs run for ``dtype`` operands on ``device`` (for logs and benchmarks)."""
-    if dtype == torch.float32:
-        return "fp32 GEMM (tf32 on CUDA unless fp32_precision='ieee')"
-    if _out_dtype_supported(device):
-        return "torch.mm/addmm(out_dtype=float32) on half-precision operands (cuBLAS on CUDA)"
-    return "fallback: operands upcast to fp32 per split, fp32 GEMM"
+@functools.cache
+def _out_dtype_supported(device: torch.device) -> str:
+    """The half-precision GEMM route on ``device``: ``"out_dtype"``, ``"mm_out_dtype+add"`` (only
+    ``addmm(out_dtype)`` refused) or ``"upcast"``; probed once per device, a CUDA fallback says what it costs."""
+    mm_refused = _probe_out_dtype(device, "mm")
+    addmm_refused = None if mm_refused else _probe_out_dtype(device, "addmm")
+    if mm_refused:
+        route, why = "upcast", (f"torch {torch.__version__} has no torch.mm(out_dtype=float32) for bf16 on {device} "
+                                f"({mm_refused}): each half-precision GEMM copies its operands to fp32, per split "
+                                "the hidden rows (4*n*D bytes: 256 MiB at n=16384, D=4096), the split's weights "
+                                "(4*S*D) and dz (4*n*S), beyond the scratch cap, and runs in fp32/TF32 (slower)")
+    elif addmm_refused:
+        route, why = "mm_out_dtype+add", (f"torch {torch.__version__} refuses torch.addmm(out_dtype=float32) on "
+                                          f"{device} ({addmm_refused}): dH and dW accumulate as torch.mm(out_dtype="
+                                          "float32) into the split's fp32 logits scratch plus add_ (no extra "
+                                          "memory; one more fp32 read and write of each [n, D] block per split)")
+    else:
+        return "out_dtype"
+    if device.type == "cuda":
+        warnings.warn(f"backend='split': {why}", stacklevel=3)
+    return route
 
 
-@contextlib.contextmanager
-def _fp32_matmul(device: torch.device, precision: str):
-    """tf32 (default) or ieee fp32 GEMMs for the duration of the call, whatever the global torch flag."""
-    if device.type != "cuda":
-        yield
-        return
-    flag = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+def _process_fp32_precision() -> str:
+    """``"tf32"`` or ``"ieee"``: what the process's cuBLAS setting makes of an fp32 ``torch.mm`` on CUDA, read
+    with the API the installed torch has (reading the legacy ``allow_tf32`` raises on torch >= 2.9 once the
+    new API was used, e.g. ``torch.backends.fp32_precision = "tf32"``); never set."""
+    matmul = torch.backends.cuda.matmul
     try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = flag
+        precision = matmul.fp32_precision  # torch >= 2.9; "none" inherits the generic setting
+    except AttributeError:
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return "tf32" if precision == "tf32" else "ieee"
 
 
-def _mm_f32(a, b, out):
-    """``out = a @ b`` in fp32 (``out`` fp32, contiguous)."""
+def _fp32_matmul(device: torch.device, precision: str) -> str:
+    """The route of fp32-operand GEMMs on ``device`` for ``fp32_precision=precision``: ``"fp32"`` off CUDA,
+    else ``"fp32-tf32"`` / ``"fp32-ieee"`` (``torch.mm`` as the process's flag says) or ``"fp64"`` (``"ieee"``
+    asked while the process allows TF32). Reads the flag, sets none (see the module docstring)."""
+    if device.type != "cuda":
+        return "fp32"
+    process = _process_fp32_precision()
+    if precision == "ieee" and process == "tf32":
+        return "fp64"
+    return f"fp32-{process}"
+
+
+def gemm_route(device: torch.device, dtype: torch.dtype, fp32_precision: str = "tf32") -> str:
+    """The ``GEMM_ROUTES`` name of a call's GEMMs for ``dtype`` operands on ``device``; precision flags are
+    read for fp32 operands on CUDA only."""
+    if dtype == torch.float32:
+        return _fp32_matmul(device, fp32_precision)
+    return _out_dtype_supported(device)
+
+
+def split_backend(device: torch.device, dtype: torch.dtype, fp32_precision: str = "tf32") -> str:
+    """How the GEMMs run for ``dtype`` operands on ``device``: ``"<route>: <what it means>"`` (logs, benchmarks)."""
+    route = gemm_route(device, dtype, fp32_precision)
+    return f"{route}: {GEMM_ROUTES[route]}"
+
+
+def _mm_f32(a, b, out, route):
+    """``out = a @ b`` in fp32 (``out`` fp32, contiguous) along ``route``."""
+    if route == "fp64":
+        return out.copy_(torch.mm(a.double(), b.double()))
+    if route == "upcast":
+        return torch.mm(a.float(), b.float(), out=out)
     if a.dtype == torch.float32:
         return torch.mm(a, b, out=out)
-    if _out_dtype_supported(a.device):
-        return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    return torch.mm(a.float(), b.float(), out=out)
+    return torch.mm(a, b, out_dtype=torch.float32, out=out)
 
 
-def _addmm_f32(acc, a, b):
-    """``acc += a @ b`` with ``acc`` fp32."""
-    if a.dtype == torch.float32:
-        return acc.addmm_(a, b)
-    if _out_dtype_supported(a.device):
+def _mm_pieces(a, b, scratch, route):
+    """``a @ b`` in fp32 through the flat fp32 ``scratch``, one piece at a time: yields ``(rows, cols, piece)``
+    (slices of the ``[m, k]`` product and the piece, a view of ``scratch`` valid until the next one)."""
+    m, k, room = a.shape[0], b.shape[1], scratch.numel()
+    step_r, step_c = max(1, min(m, room // k)), min(k, room)
+    for r0 in range(0, m, step_r):
+        r1 = min(r0 + step_r, m)
+        for c0 in range(0, k, step_c):
+            c1 = min(c0 + step_c, k)
+            piece = _mm_f32(a[r0:r1], b[:, c0:c1], scratch[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0), route)
+            yield slice(r0, r1), slice(c0, c1), piece
+
+
+def _addmm_f32(acc, a, b, route, scratch):
+    """``acc += a @ b`` with ``acc`` fp32; ``scratch``: flat fp32 room of the ``"mm_out_dtype+add"`` route."""
+    if route == "out_dtype":
         return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    return acc.addmm_(a.float(), b.float())
+    if route == "mm_out_dtype+add":
+        for rows, cols, piece in _mm_pieces(a, b, scratch, route):
+            acc[rows, cols].add_(piece)
+        return acc
+    if route == "fp64":
+        return acc.add_(torch.mm(a.double(), b.double()))
+    if route == "upcast":
+        return acc.addmm_(a.float(), b.float())
+    return acc.addmm_(a, b)
+
+
+def _mm_rounded(out, a, b, route, scratch):
+    """``out = a @ b`` for a half-precision ``out``: formed in fp32 through ``scratch`` and rounded once, so
+    the GEMM never reduces in bf16/fp16 (``allow_bf16_reduced_precision_reduction`` is on by default)."""
+    for rows, cols, piece in _mm_pieces(a, b, scratch, route):
+        out[rows, cols] = piece
 
 
 def _use_triton(params: SplitParams, device: torch.device) -> bool:
@@ -393,24 +516,24 @@ def split_forward(hidden, weight, bias, labels, params: SplitParams, ref: RefHea
     zrbuf = _alloc((plan.rows * plan.cols,), torch.float32, dev) if kl else None
     use_triton = _use_triton(params, dev)
     tiles = split_tiles(plan.cols)
-    with _fp32_matmul(dev, params.fp32_precision):
-        for r0, r1, v0, v1 in _blocks(n, vocab, plan):
-            z = _mm_f32(hidden[r0:r1], weight[v0:v1].T, zbuf[:(r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0))
-            zr = None
-            if kl:
-                zr = _mm_f32(ref.hidden[r0:r1], ref.weight[v0:v1].T,
-                             zrbuf[:(r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0))
-            if use_triton:
-                _split_stats_kernel[(triton.cdiv(r1 - r0, tiles.stats_rows),)](
-                    z, z if zr is None else zr, _or(bias, z), _or(ref.bias if kl else None, z), labels,
-                    st["m"], st["s"], st["label"], *((st["rm"], st["rs"], st["ref_label"], st["acc"]) if kl
-                                                     else (st["m"],) * 4),
-                    r1 - r0, v1 - v0, r0, v0,
-                    HAS_BIAS=bias is not None, HAS_REF_BIAS=kl and ref.bias is not None, KL_MODE=params.kl_mode,
-                    BLOCK_R=tiles.stats_rows, BLOCK_S=tiles.stats_cols, num_warps=tiles.stats_warps,
-                )
-            else:
-                _stats_torch(z, zr, bias, ref.bias if kl else None, labels, st, r0, v0, params.kl_mode)
+    route = gemm_route(dev, hidden.dtype, params.fp32_precision)
+    for r0, r1, v0, v1 in _blocks(n, vocab, plan):
+        z = _mm_f32(hidden[r0:r1], weight[v0:v1].T, zbuf[:(r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0), route)
+        zr = None
+        if kl:
+            zr = _mm_f32(ref.hidden[r0:r1], ref.weight[v0:v1].T,
+                         zrbuf[:(r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0), route)
+        if use_triton:
+            _split_stats_kernel[(triton.cdiv(r1 - r0, tiles.stats_rows),)](
+                z, z if zr is None else zr, _or(bias, z), _or(ref.bias if kl else None, z), labels,
+                st["m"], st["s"], st["label"], *((st["rm"], st["rs"], st["ref_label"], st["acc"]) if kl
+                                                 else (st["m"],) * 4),
+                r1 - r0, v1 - v0, r0, v0,
+                HAS_BIAS=bias is not None, HAS_REF_BIAS=kl and ref.bias is not None, KL_MODE=params.kl_mode,
+                BLOCK_R=tiles.stats_rows, BLOCK_S=tiles.stats_cols, num_warps=tiles.stats_warps,
+            )
+        else:
+            _stats_torch(z, zr, bias, ref.bias if kl else None, labels, st, r0, v0, params.kl_mode)
     lse = st["m"] + torch.log(st["s"])
     if not kl:
         return ForwardStats(st["label"] - lse, lse)
@@ -451,61 +574,77 @@ def split_backward(hidden, weight, bias, labels, lse, grad_logps, params: SplitP
     zeros = _alloc((n,), torch.float32, dev).zero_()  # placeholder of absent upstream gradients
     g = zeros if grad_logps is None else grad_logps.to(torch.float32).contiguous()
     gk = grad_kl.to(torch.float32).contiguous() if has_grad_kl else None
+    _backward_splits(hidden, weight, bias, labels, lse, g, gk, zeros, params, ref, ref_lse, token_kl,
+                     d_hidden, d_weight, d_bias)
+    # the split scratch is gone by now: the cast's [n, D] result does not stack on it
+    return (None if d_hidden is None else d_hidden.to(hidden.dtype), d_weight, d_bias)
+
+
+def _backward_splits(hidden, weight, bias, labels, lse, g, gk, zeros, params, ref, ref_lse, token_kl,
+                     d_hidden, d_weight, d_bias):
+    """The backward's split loop: fills the fp32 ``d_hidden`` accumulator, ``d_weight`` and ``d_bias`` (each
+    None where not needed); its scratch lives only here. ``gk``: the KL's upstream gradient or None."""
+    n, d = hidden.shape
+    vocab, dev = weight.shape[0], hidden.device
+    has_grad_kl, kl = gk is not None, params.kl_mode != 0
     plan = _plan(params, hidden, weight, bias)
-    kl = params.kl_mode != 0
     zbuf = _alloc((plan.rows * plan.cols,), torch.float32, dev)
     zrbuf = _alloc((plan.rows * plan.cols,), torch.float32, dev) if has_grad_kl else None
     same = hidden.dtype == torch.float32
     dzbuf = zbuf if same else _alloc((plan.rows * plan.cols,), hidden.dtype, dev)
-    w_acc = _alloc((plan.cols, d), torch.float32, dev) if (need_w and plan.chunked) else None
-    b_acc = _alloc((plan.cols,), torch.float32, dev) if need_b else None
+    w_acc = _alloc((plan.cols, d), torch.float32, dev) if (d_weight is not None and plan.chunked) else None
+    b_acc = _alloc((plan.cols,), torch.float32, dev) if d_bias is not None else None
     use_triton = _use_triton(params, dev)
     tiles = split_tiles(plan.cols)
     db_rows = triton.cdiv(plan.rows, tiles.dz_rows) if use_triton else 1
-    db_part = _alloc((db_rows * plan.cols,), torch.float32, dev) if need_b else None
-    with _fp32_matmul(dev, params.fp32_precision):
-        for r0, r1, v0, v1 in _blocks(n, vocab, plan):
-            rows, cols = r1 - r0, v1 - v0
-            first, last = r0 == 0, r1 == n
-            z = _mm_f32(hidden[r0:r1], weight[v0:v1].T, zbuf[:rows * cols].view(rows, cols))
-            zr = None
-            if has_grad_kl:
-                zr = _mm_f32(ref.hidden[r0:r1], ref.weight[v0:v1].T, zrbuf[:rows * cols].view(rows, cols))
-            dz = dzbuf[:rows * cols].view(rows, cols)
-            if use_triton:
-                grid = (triton.cdiv(rows, tiles.dz_rows), triton.cdiv(cols, tiles.dz_cols))
-                _split_dz_kernel[grid](
-                    z, _or(zr, z), _or(bias, z), _or(ref.bias if kl else None, z), labels,
-                    lse, g, _or(ref_lse, zeros), _or(token_kl, zeros), _or(gk, zeros), dz, _or(db_part, zeros),
-                    rows, cols, r0, v0,
-                    HAS_BIAS=bias is not None, HAS_REF_BIAS=kl and ref.bias is not None, KL_MODE=params.kl_mode,
-                    HAS_GRAD_KL=has_grad_kl, HAS_DB=need_b, BLOCK_R=tiles.dz_rows, BLOCK_S=tiles.dz_cols,
-                    num_warps=tiles.dz_warps,
-                )
+    db_part = _alloc((db_rows * plan.cols,), torch.float32, dev) if d_bias is not None else None
+    route = gemm_route(dev, hidden.dtype, params.fp32_precision)
+    # half-precision inputs: dz has its own buffer, so the logits' (zbuf) is free once dz is formed and
+    # serves the fp32 pieces of the dW GEMM and of the "mm_out_dtype+add" accumulations
+    for r0, r1, v0, v1 in _blocks(n, vocab, plan):
+        rows, cols = r1 - r0, v1 - v0
+        first, last = r0 == 0, r1 == n
+        z = _mm_f32(hidden[r0:r1], weight[v0:v1].T, zbuf[:rows * cols].view(rows, cols), route)
+        zr = None
+        if has_grad_kl:
+            zr = _mm_f32(ref.hidden[r0:r1], ref.weight[v0:v1].T, zrbuf[:rows * cols].view(rows, cols), route)
+        dz = dzbuf[:rows * cols].view(rows, cols)
+        if use_triton:
+            grid = (triton.cdiv(rows, tiles.dz_rows), triton.cdiv(cols, tiles.dz_cols))
+            _split_dz_kernel[grid](
+                z, _or(zr, z), _or(bias, z), _or(ref.bias if kl else None, z), labels,
+                lse, g, _or(ref_lse, zeros), _or(token_kl, zeros), _or(gk, zeros), dz, _or(db_part, zeros),
+                rows, cols, r0, v0,
+                HAS_BIAS=bias is not None, HAS_REF_BIAS=kl and ref.bias is not None, KL_MODE=params.kl_mode,
+                HAS_GRAD_KL=has_grad_kl, HAS_DB=d_bias is not None, BLOCK_R=tiles.dz_rows, BLOCK_S=tiles.dz_cols,
+                num_warps=tiles.dz_warps,
+            )
+        else:
+            _dz_torch(z, zr, bias, ref.bias if kl else None, labels, lse, g, ref_lse, token_kl, gk, dz, r0, v0,
+                      params.kl_mode, None if db_part is None else db_part[:cols])
+        if d_hidden is not None:
+            _addmm_f32(d_hidden[r0:r1], dz, weight[v0:v1], route, zbuf)
+        if d_weight is not None:
+            if not plan.chunked:  # all rows in this block: dW[s] written once, in the output dtype
+                if same:
+                    _mm_f32(dz.T, hidden, d_weight[v0:v1], route)
+                else:
+                    _mm_rounded(d_weight[v0:v1], dz.T, hidden, route, zbuf)
             else:
-                _dz_torch(z, zr, bias, ref.bias if kl else None, labels, lse, g, ref_lse, token_kl, gk, dz, r0, v0,
-                          params.kl_mode, None if db_part is None else db_part[:cols])
-            if need_h:
-                _addmm_f32(d_hidden[r0:r1], dz, weight[v0:v1])
-            if need_w:
-                if not plan.chunked:  # all rows in this block: dW[s] written once, in the output dtype
-                    torch.mm(dz.T, hidden, out=d_weight[v0:v1])
-                else:
-                    acc = w_acc[:cols]
-                    if first:
-                        acc.zero_()
-                    _addmm_f32(acc, dz.T, hidden[r0:r1])
-                    if last:
-                        d_weight[v0:v1].copy_(acc)
-            if need_b:
-                part = db_part[:grid[0] * cols].view(grid[0], cols).sum(0) if use_triton else db_part[:cols]
+                acc = w_acc[:cols]
                 if first:
-                    b_acc[:cols].copy_(part)
-                else:
-                    b_acc[:cols] += part
+                    acc.zero_()
+                _addmm_f32(acc, dz.T, hidden[r0:r1], route, zbuf)
                 if last:
-                    d_bias[v0:v1].copy_(b_acc[:cols])
-    return (None if d_hidden is None else d_hidden.to(hidden.dtype), d_weight, d_bias)
+                    d_weight[v0:v1].copy_(acc)
+        if d_bias is not None:
+            part = db_part[:grid[0] * cols].view(grid[0], cols).sum(0) if use_triton else db_part[:cols]
+            if first:
+                b_acc[:cols].copy_(part)
+            else:
+                b_acc[:cols] += part
+            if last:
+                d_bias[v0:v1].copy_(b_acc[:cols])
 
 
 # ----------------------------------------------------------------------------------------------
