@@ -1,4 +1,4 @@
-"""The backend table: every ``backend=`` of ``fused_tis_dpo_loss`` / ``fused_linear_logprobs``, what runs and what it can do.
+"""The backend table: each ``backend=`` of ``fused_tis_dpo_loss`` / ``fused_linear_logprobs``, what it runs and can do.
 
 ``TABLE`` maps a name to a ``Backend``: its head functions (label log-probs of the response rows; log-probs,
 reference log-probs and token KL), its per-sequence-sums function and its capabilities (KL variants, gradient

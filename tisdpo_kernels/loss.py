@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import BACKENDS, kernel_options, resolve
+from .backends import BACKENDS  # noqa: F401 (the backend names, imported from here by tisdpo.config)
+from .backends import kernel_options, resolve
 from .distributed import all_reduce_sequence_sums, check_group, global_response_counts
 from .objectives import PairLossOptions, ld_token_weights, pair_objective, sequence_layout
 from .ops._common import check_ref_head

@@ -3,10 +3,11 @@
 Everything here is O(batch) or O(tokens), never O(tokens x vocab), so the oracle (``reference.py``) and every
 backend share it: ``sequence_layout`` (padded / packed layouts -> per-token sequence ids), ``sequence_sums``
 (per-token vectors -> per-sequence sums ``SequenceSums``), ``PairLossOptions`` (the loss's scalar options, validated
-once), ``pair_objective`` (sums and options -> loss and metrics, docs/design.md §1.2) and the per-pair loss types of the DPO family, named and defined as in TRL's
-``DPOTrainer`` (TRL 1.x): every loss type is a function of per-pair quantities (``PairTerms``), one formula per
-loss type. They are checked on their own against a float64 transcription of TRL's formulas
-(``tests/test_objectives.py``), so an oracle test of a backend is not a test of these formulas against themselves.
+once), ``pair_objective`` (sums and options -> loss and metrics, docs/design.md §1.2) and the per-pair loss types
+of the DPO family, named and defined as in TRL's ``DPOTrainer`` (TRL 1.x): every loss type is a function of
+per-pair quantities (``PairTerms``), one formula per loss type. They are checked on their own against a float64
+transcription of TRL's formulas (``tests/test_objectives.py``), so an oracle test of a backend is not a test of
+these formulas against themselves.
 
 Notation (per pair, chosen c / rejected r): ``s`` is the per-sequence score, ``s = M = sum_t w_t (lp_t - lpref_t)``
 without a KL variant (TRL's ``chosen_logratios``; with unit weights the summed log-ratio), the KL-adjusted score

@@ -63,6 +63,7 @@ def _launches(record):
     from tisdpo_kernels.ops import linear_logprobs as ll
     from tisdpo_kernels.ops import linear_split as ls
     from tisdpo_kernels.ops import pair_loss as pl
+    from tisdpo_kernels.ops._common import RefHead
 
     def meta(*shape, dtype=torch.float32):
         return torch.empty(*shape, device="meta", dtype=dtype)
@@ -75,7 +76,7 @@ def _launches(record):
             kl_modes = (0, 1, 2) if dtype == torch.bfloat16 else (0,)
             for kl in kl_modes:
                 h, w = meta(n, d, dtype=dtype), meta(v, d, dtype=dtype)
-                ref = ll.RefHead(meta(n, d, dtype=dtype), meta(v, d, dtype=dtype), None) if kl else None
+                ref = RefHead(meta(n, d, dtype=dtype), meta(v, d, dtype=dtype), None) if kl else None
                 bias = meta(v, dtype=dtype) if dtype == torch.bfloat16 and kl == 0 else None
                 stats_kw = dict(ref=ref, ref_lse=g, token_kl=g, grad_kl=g) if kl else {}
                 variants = [("atomic", ll.LinearParams(kl_mode=kl))]

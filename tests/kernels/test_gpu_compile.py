@@ -6,7 +6,7 @@ head and at D=2048, V=32000, and compiles each down to a cubin. Here, for every 
 
 - shared memory within the 227 KiB a block may opt into on sm_90;
 - no register spills in a kernel launched for bf16/fp16 inputs (a spill is a local-memory round trip in
-  the inner loop; the issue-12 review found the KL forward spilling);
+  the inner loop; the KL forward once spilled, see the note on `fwd_kl` in `ops/_config.py`);
 - every bf16 kernel with a ``tl.dot`` uses Hopper's ``wgmma`` (not the older ``mma.sync`` path).
 Runs in a subprocess without ``TRITON_INTERPRET`` (about 2-3 minutes on 2 cores).
 """
