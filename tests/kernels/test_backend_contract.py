@@ -240,7 +240,10 @@ def test_rows_heads_sums_and_pair_objective_chain_into_the_oracle_loss(variant, 
 
 
 def _refused(backend, capability, exc=ValueError):
-    return pytest.raises(exc, match=rf"^backend='{backend}' does not support {capability}\b.*; supported by: ")
+    """The one refusal form, naming the backend, the argument and the backends that honour it."""
+    supporters = ", ".join(name for name in TABLE if _honours(name, capability.split()[0]))
+    return pytest.raises(exc, match=rf"^backend='{backend}' does not support {capability}\b.*; "
+                                    rf"supported by: {supporters}$")
 
 
 def test_grad_filter_eps(variant):
