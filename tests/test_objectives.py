@@ -1,5 +1,5 @@
 """``objectives.py`` (every loss type, ``loss_weights``, ``ld_alpha``, WPO) against a transcription of TRL 1.16's
-``DPOTrainer`` loss: through ``reference.pair_objective`` on per-sequence sums and through ``fused_tis_dpo_loss``
+``DPOTrainer`` loss: through ``objectives.pair_objective`` on per-sequence sums and through ``fused_tis_dpo_loss``
 (torch backend) on hidden states, values and gradients, in float64.
 
 Tolerances: both sides evaluate the same float64 formulas; they differ only in summation order (segment sums of
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tisdpo_kernels import fused_tis_dpo_loss
-from tisdpo_kernels.objectives import LOSS_TYPES, SMOOTHED_LOSS_TYPES, ld_token_weights
+from tisdpo_kernels.objectives import LOSS_TYPES, SMOOTHED_LOSS_TYPES, PairLossOptions, ld_token_weights
 from tisdpo_kernels.objectives import pair_objective, sequence_sums
 from tisdpo_kernels.reference import reference_tis_dpo_loss
 
@@ -154,7 +154,7 @@ def test_pair_objective_equals_trl(loss_type):
     lp, lpref, seq_ids = _tokens()
     opts = _options(loss_type)
     sums = sequence_sums(lp, lpref, torch.ones_like(lp), seq_ids, len(LENGTHS))
-    ours, _ = pair_objective(sums, loss_type=[loss_type], **opts)
+    ours, _ = pair_objective(sums, PairLossOptions(loss_type=[loss_type], **opts))
     trl = _trl_on_tokens(lp, lpref, seq_ids, [loss_type], None, opts)
     print(loss_type, ours.item(), trl.item())
     torch.testing.assert_close(ours, trl, rtol=RTOL, atol=1e-13)
@@ -172,13 +172,13 @@ def test_loss_weights_combinations_equal_trl(loss_type, loss_weights):
     lp, lpref, seq_ids = _tokens(seed=1)
     opts = _options(loss_type)
     sums = sequence_sums(lp, lpref, torch.ones_like(lp), seq_ids, len(LENGTHS))
-    ours, _ = pair_objective(sums, loss_type=loss_type, loss_weights=loss_weights, **opts)
+    ours, _ = pair_objective(sums, PairLossOptions(loss_type=loss_type, loss_weights=loss_weights, **opts))
     trl = _trl_on_tokens(lp, lpref, seq_ids, loss_type, loss_weights, opts)
     torch.testing.assert_close(ours, trl, rtol=RTOL, atol=1e-13)
     (g_ours,), (g_trl,) = torch.autograd.grad(ours, lp), torch.autograd.grad(trl, lp)
     torch.testing.assert_close(g_ours, g_trl, rtol=RTOL, atol=1e-13)
     # the combination is the weighted sum of the single terms
-    singles = [pair_objective(sums, loss_type=t, **_options(t))[0] for t in loss_type]
+    singles = [pair_objective(sums, PairLossOptions(loss_type=t, **_options(t)))[0] for t in loss_type]
     want = sum(w * s for w, s in zip(loss_weights or [1.0] * len(singles), singles, strict=True))
     torch.testing.assert_close(ours, want, rtol=RTOL, atol=1e-13)
 
@@ -186,11 +186,12 @@ def test_loss_weights_combinations_equal_trl(loss_type, loss_weights):
 def test_string_and_list_forms_agree_and_cdpo_is_the_old_smoothed_sigmoid():
     lp, lpref, seq_ids = _tokens(seed=2)
     sums = sequence_sums(lp, lpref, torch.ones_like(lp), seq_ids, len(LENGTHS))
-    assert torch.equal(pair_objective(sums, loss_type="sigmoid")[0], pair_objective(sums, loss_type=["sigmoid"])[0])
+    assert torch.equal(pair_objective(sums, PairLossOptions(loss_type="sigmoid"))[0],
+                       pair_objective(sums, PairLossOptions(loss_type=["sigmoid"]))[0])
     b = len(LENGTHS) // 2
     h = 0.1 * (sums.M[:b] - sums.M[b:])
     want = (-(0.9 * F.logsigmoid(h)) - 0.1 * F.logsigmoid(-h)).mean()
-    torch.testing.assert_close(pair_objective(sums, loss_type="cdpo", label_smoothing=0.1)[0], want,
+    torch.testing.assert_close(pair_objective(sums, PairLossOptions(loss_type="cdpo", label_smoothing=0.1))[0], want,
                                rtol=1e-14, atol=0)
 
 
@@ -330,3 +331,33 @@ def test_bad_options(over, match):
     kw = dict(ref_hidden=b.ref_hidden, ref_weight=b.ref_weight, backend="torch")
     with pytest.raises(ValueError, match=match):
         fused_tis_dpo_loss(b.hidden, b.weight, b.labels, **{**kw, **over})
+
+
+def test_bad_options_of_pair_loss_options():
+    """The same checks on ``PairLossOptions`` itself (what ``pair_objective`` takes)."""
+    for over, match in [(dict(beta=0.0), "beta"), (dict(alpha=float("inf")), "alpha"), (dict(kl="tdpo3"), "kl"),
+                        (dict(loss_type="kto"), "loss_type"), (dict(ld_alpha=-0.1), "ld_alpha"),
+                        (dict(loss_type="aot", kl="tdpo1"), "KL")]:
+        with pytest.raises(ValueError, match=match):
+            PairLossOptions(**over)
+
+
+def test_pair_loss_options_are_the_loss_keywords():
+    """Each field of ``PairLossOptions`` is a keyword of ``fused_tis_dpo_loss``, ``reference_tis_dpo_loss`` and
+    ``FusedTISDPOLoss`` with the same default, so a caller can pass its options through by field name; lists are
+    kept as tuples (the options are immutable and hashable)."""
+    import dataclasses
+    import inspect
+
+    from tisdpo_kernels import FusedTISDPOLoss
+
+    for fn in (fused_tis_dpo_loss, reference_tis_dpo_loss, FusedTISDPOLoss.__init__):
+        params = inspect.signature(fn).parameters
+        for f in dataclasses.fields(PairLossOptions):
+            assert params[f.name].kind == inspect.Parameter.KEYWORD_ONLY, (fn, f.name)
+            assert params[f.name].default == f.default, (fn, f.name)
+    opts = PairLossOptions(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], kl="tdpo2")
+    assert opts.loss_type == ("sigmoid", "sft") and opts.loss_weights == (1.0, 0.5)
+    assert opts.terms == (("sigmoid", 1.0), ("sft", 0.5))
+    assert hash(opts) == hash(PairLossOptions(**opts.as_kwargs()))
+    assert set(opts.as_kwargs()) == {f.name for f in dataclasses.fields(PairLossOptions)}

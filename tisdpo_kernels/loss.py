@@ -2,14 +2,13 @@
 
 This module validates inputs (a clear ``ValueError``/``TypeError`` naming the argument, never a
 silent wrong number or an out-of-bounds read), drops prompt/padding rows before any matmul,
-dispatches the per-token work to a backend and turns per-sequence sums into the loss and its
-metrics (``objectives.pair_objective``).
+hands the per-token work to a backend and turns per-sequence sums into the loss and its
+metrics (``objectives.pair_objective``, with the scalar options gathered in ``objectives.PairLossOptions``).
 
-Backends: ``"torch"`` (``chunked.py``, runs anywhere), ``"split"`` (``ops/linear_split.py``: vocabulary
-splits, cuBLAS GEMMs and fused Triton elementwise passes, an atomic-free backward; runs anywhere, Triton
-on CUDA and under ``TRITON_INTERPRET=1``), ``"triton"`` (the all-Triton kernels of ``ops/linear_logprobs.py``;
-CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``"auto"`` (on CUDA the backend that
-``ops._config.auto_backend`` expects fastest for the shape, torch otherwise).
+Backends: ``backends.TABLE`` names them (``"torch"``, ``"triton"``, ``"split"``, plus ``"auto"``), holds each one's
+head and sums functions and what it supports, and says what ``"auto"`` picks and why a backend refuses a call
+(``backends.resolve``; the table as Markdown: ``backends.markdown_table()``; docs/design.md §3). Nothing here
+compares backend names.
 """
 
 from __future__ import annotations
@@ -19,133 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from . import chunked
+from .backends import BACKENDS  # noqa: F401 (the backend names, imported from here by tisdpo.config)
+from .backends import kernel_options, resolve
 from .distributed import all_reduce_sequence_sums, check_group, global_response_counts
-from .objectives import (
-    KL_MODES,
-    check_ld_alpha,
-    ld_token_weights,
-    loss_terms,
-    pair_objective,
-    sequence_layout,
-    sequence_sums,
-)
-from .ops._config import auto_backend, interpreting
+from .objectives import PairLossOptions, ld_token_weights, pair_objective, sequence_layout
+from .ops._common import check_ref_head
 from .transforms import token_weights_from_contrastive, transform_params
 
-BACKENDS = ("auto", "torch", "triton", "split")
-FP32_PRECISIONS = ("tf32", "ieee")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-# ----------------------------------------------------------------------------------------------
-# backend dispatch
-# ----------------------------------------------------------------------------------------------
-
-
-def _resolve_backend(backend: str, device: torch.device, dim: int | None = None, grad_filter: bool = False) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if device.type != "cuda" or not _triton_available():
-            return "torch"
-        return "triton" if grad_filter else auto_backend(dim)
-    if backend == "split" and not _triton_available():
-        raise ValueError("backend='split' needs the `triton` package, which is not importable here")
-    if backend == "triton":
-        if not _triton_available():
-            raise ValueError("backend='triton' needs the `triton` package, which is not importable here")
-        if device.type != "cuda" and not interpreting():
-            raise ValueError(
-                "backend='triton' on non-CUDA tensors needs TRITON_INTERPRET=1 set before triton is imported; "
-                "use backend='torch' (or 'auto') on CPU"
-            )
-    return backend
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@dataclass(frozen=True)
-class _KernelOptions:
-    """Per-call options of the row backends: torch's chunk size; Triton's deterministic dW and filter."""
-
-    chunk_size: int | None = None
-    deterministic: bool = False
-    grad_filter_eps: float | None = None
-    fp32_precision: str = "tf32"
-
-
-def _linear_logprobs_rows(backend, hidden, weight, labels, bias, opts: _KernelOptions, log_collision=False):
-    """Label log-probs of the rows; ``(logps, log_collision)`` with ``log_collision=True`` (torch backend only)."""
-    if backend == "split":
-        from .ops.linear_split import split_linear_logprobs
-
-        return split_linear_logprobs(hidden, weight, labels, bias=bias, fp32_precision=opts.fp32_precision)
-    if backend == "triton":
-        from .ops.linear_logprobs import triton_linear_logprobs
-
-        return triton_linear_logprobs(hidden, weight, labels, bias=bias, deterministic=opts.deterministic,
-                                      filter_eps=opts.grad_filter_eps, fp32_precision=opts.fp32_precision)
-    return chunked.chunked_linear_logprobs(hidden, weight, labels, bias=bias, chunk_size=opts.chunk_size,
-                                           log_collision=log_collision)
-
-
-def _linear_kl_rows(backend, hidden, weight, labels, ref_hidden, ref_weight, mode, bias, ref_bias,
-                    opts: _KernelOptions, log_collision=False):
-    """``(logps, ref_logps, token_kl)``, plus the policy's log-collision with ``log_collision=True`` (torch only)."""
-    if backend == "split":
-        from .ops.linear_split import split_linear_kl
-
-        return split_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=bias, ref_bias=ref_bias,
-                               fp32_precision=opts.fp32_precision)
-    if backend == "triton":
-        from .ops.linear_kl import triton_linear_kl
-
-        return triton_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=bias, ref_bias=ref_bias,
-                                deterministic=opts.deterministic, filter_eps=opts.grad_filter_eps,
-                                fp32_precision=opts.fp32_precision)
-    return chunked.chunked_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=bias,
-                                     ref_bias=ref_bias, chunk_size=opts.chunk_size, log_collision=log_collision)
-
-
-def _kernel_options(chunk_size, deterministic, grad_filter_eps, fp32_precision="tf32",
-                    backend=None) -> _KernelOptions:
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if grad_filter_eps is not None and not (isinstance(grad_filter_eps, (int, float)) and 0 < grad_filter_eps < 1):
-        raise ValueError(f"grad_filter_eps must lie in (0, 1) or be None, got {grad_filter_eps!r}")
-    if grad_filter_eps is not None and backend == "split":
-        raise ValueError("grad_filter_eps: the split backend is always exact; gradient filtering is "
-                         "backend='triton' only")
-    if fp32_precision not in FP32_PRECISIONS:
-        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
-    return _KernelOptions(chunk_size, bool(deterministic), grad_filter_eps, fp32_precision)
-
-
-def _sequence_sums(backend, logps, lpref, weights, contrastive, weight_transform, transform_kwargs, rows: _Rows,
-                   token_kl, kl, log_collision=None):
-    """Per-sequence sums of the response rows: Triton's segment-sum kernels (the weight transform
-    evaluated in the kernel) or ``objectives.sequence_sums`` on the torch path (the only one with
-    ``log_collision``, WPO's statistic) and on the split path with plain CPU tensors."""
-    if backend == "triton" or (backend == "split" and (logps.device.type == "cuda" or interpreting())):
-        from .ops.pair_loss import sequence_sums_unchecked
-
-        return sequence_sums_unchecked(logps, lpref, weights, rows.seq_ids, rows.num_seqs, token_kl=token_kl, kl=kl,
-                                       contrastive_logps=contrastive, weight_transform=weight_transform,
-                                       transform_kwargs=transform_kwargs)
-    if contrastive is not None:
-        weights = token_weights_from_contrastive(*contrastive, rows.seq_ids < rows.num_seqs // 2, weight_transform,
-                                                 transform_kwargs)
-    elif weights is None:
-        weights = torch.ones_like(logps)
-    return sequence_sums(logps, lpref, weights, rows.seq_ids, rows.num_seqs, token_kl=token_kl, kl=kl,
-                         log_collision=log_collision)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,13 +226,13 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
         _check_linear(hidden, weight, bias, labels, ignore_index)
     else:
         _check_linear(_check_row_index(row_index, labels, hidden), weight, bias, labels, ignore_index)
-    backend = _resolve_backend(backend, hidden.device, weight.shape[1], grad_filter_eps is not None)
-    opts = _kernel_options(chunk_size, deterministic, grad_filter_eps, fp32_precision, backend)
+    opts = kernel_options(chunk_size, deterministic, grad_filter_eps, fp32_precision)
+    impl = resolve(backend, hidden.device, weight.shape[1], dtype=hidden.dtype, grad_filter_eps=grad_filter_eps)
     flat = labels.reshape(-1)
     index = (flat != ignore_index).nonzero().squeeze(1)
     hidden_index = index if row_index is None else row_index.to(torch.long)[index]
     h_rows = _gather_rows(hidden, hidden_index)
-    rows = _linear_logprobs_rows(backend, h_rows, weight, flat[index].to(torch.long), bias, opts)
+    rows = impl.logprobs(h_rows, weight, flat[index].to(torch.long), bias, opts)
     _check_finite_result(rows.detach(), (("hidden", h_rows), ("weight", weight), ("bias", bias)))
     out = torch.zeros(flat.shape[0], dtype=rows.dtype, device=rows.device).index_copy(0, index, rows)
     return out.view(labels.shape)
@@ -370,7 +250,7 @@ def fused_tis_dpo_loss(
     Per response token ``t`` (labels != ignore_index): ``lp_t = log softmax(h_t W^T + b)[y_t]``,
     ``m_t = lp_t - lpref_t``; per sequence ``M = sum_t w_t m_t``; per pair
     ``loss = -log sigmoid(beta (M_c - M_r))`` averaged over pairs (TIS-DPO, Liu et al. 2024,
-    arXiv 2410.04350; with ``w_t = 1`` it is DPO, Rafailov et al. 2023). See DESIGN §1 for the KL
+    arXiv 2410.04350; with ``w_t = 1`` it is DPO, Rafailov et al. 2023). See docs/design.md §1.3 for the KL
     variants (``kl="tisdpo"|"tdpo1"|"tdpo2"``, TDPO: Zeng et al. 2024) and ``tisdpo_kernels.objectives`` for
     the ``loss_type`` formulas: TRL's names and meanings (``"sigmoid"``, ``"ipo"`` (length-normalised),
     ``"hinge"``, ``"robust"``, ``"exo_pair"``, ``"nca_pair"``, ``"bco_pair"``, ``"sppo_hard"``, ``"aot"``,
@@ -398,7 +278,8 @@ def fused_tis_dpo_loss(
             (``objectives.ld_token_weights``).
         use_weighting: WPO: each pair's loss times ``exp(mean_t(lp - log sum_v p(v)^2)_c + (..)_r)``, a
             constant (``objectives.pair_objective``). Needs the full policy distribution per token: the torch
-            backend computes it in its chunked pass; the Triton kernels do not, so it raises there.
+            backend computes it in its chunked pass; ``"split"`` and ``"triton"`` do not, so they refuse it (and
+            ``"auto"`` picks ``"torch"``).
         cu_seqlens: ``[2B+1]`` int32/int64 boundaries of packed sequences, chosen first then rejected.
         row_index: explicit response rows (prefix-shared layouts, ``tisdpo.prefix``): ``[n]`` int32/int64 indices
             into ``hidden.reshape(-1, D)`` (any leading shape), one per entry of ``labels`` ``[n]``; a row may
@@ -407,14 +288,17 @@ def fused_tis_dpo_loss(
             first). ``ref_hidden`` stays shaped like ``hidden`` and is gathered with the same rows; ``ref_logps``,
             ``token_weights`` and ``contrastive_logps`` are shaped like ``labels``. The result equals the packed
             call on ``hidden.reshape(-1, D)[row_index]``; gradients of a repeated row add up.
-        backend: ``"auto"`` | ``"torch"`` | ``"split"`` | ``"triton"`` (see the module docstring; ``"auto"``
-            on CUDA picks by the hidden size from ``ops._config.AUTO_BACKENDS``, and ``"triton"`` whenever
-            ``grad_filter_eps`` is set). chunk_size: rows per chunk of the torch path.
+        backend: ``"auto"`` | ``"torch"`` | ``"split"`` | ``"triton"``, the rows of ``backends.TABLE``
+            (``backends.markdown_table()`` lists what each supports). ``"auto"``: on CUDA with Triton the backend
+            ``backends.AUTO_BACKENDS`` expects fastest for the hidden size (``"triton"`` below D=512, ``"split"``
+            from it), ``"triton"`` whenever ``grad_filter_eps`` is set, ``"torch"`` for ``use_weighting`` and
+            float64; ``"torch"`` elsewhere. A backend that cannot honour an argument refuses it, naming it and
+            the backends that support it. chunk_size: rows per chunk of the torch path.
         deterministic: Triton only: an atomic-free, bit-reproducible backward (about 1.3x its FLOPs); the
             torch and split paths are always deterministic (at no cost).
         grad_filter_eps: Triton only: skip the gradient matmuls of vocabulary tiles whose probabilities all
             stay below it and that hold no label (e.g. ``2**-12``, below bf16 resolution; an approximation).
-            ``None`` (default): exact. The torch and split paths are always exact.
+            ``None`` (default): exact. The torch and split paths are always exact and refuse it.
         group: a ``torch.distributed.ProcessGroup`` across which each sequence's rows are split (context
             parallelism): every rank passes its own rows of the same 2B sequences (its slice of ``cu_seqlens``
             or of the padded ``T``; a rank may hold no row of a sequence), the per-sequence sums are all-reduced
@@ -435,14 +319,9 @@ def fused_tis_dpo_loss(
         ``weight``, ``bias`` or their ``ref_`` twins, found when the loss or a per-sequence sum is not finite
         (one host sync per call), and a ``weight_transform`` / ``transform_kwargs`` without ``contrastive_logps``.
     """
-    if kl not in KL_MODES:
-        raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
-    loss_terms(loss_type, loss_weights, label_smoothing=label_smoothing, discopop_tau=discopop_tau, kl=kl,
-               use_weighting=use_weighting)
-    for name, value in (("beta", beta), ("alpha", alpha)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    check_ld_alpha(ld_alpha)
+    options = PairLossOptions(beta=beta, alpha=alpha, kl=kl, loss_type=loss_type, label_smoothing=label_smoothing,
+                              loss_weights=loss_weights, discopop_tau=discopop_tau, ld_alpha=ld_alpha,
+                              use_weighting=use_weighting)
 
     if row_index is not None:
         vocab = _check_linear(_check_row_index(row_index, labels, hidden), weight, bias, labels, ignore_index)
@@ -478,12 +357,8 @@ def fused_tis_dpo_loss(
     if ref_logps is not None:
         _check_token_tensor("ref_logps", ref_logps, labels.shape, valid)
     else:
-        ref_vocab = _check_linear(ref_hidden, ref_weight, ref_bias, None, ignore_index, prefix="ref_")
-        if ref_vocab != vocab:
-            raise ValueError(f"ref_weight has vocabulary {ref_vocab} but weight has {vocab}")
-        if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
-            raise ValueError(f"ref_hidden shape {tuple(ref_hidden.shape)} must match hidden's leading shape "
-                             f"{tuple(hidden.shape[:-1])}")
+        _check_linear(ref_hidden, ref_weight, ref_bias, None, ignore_index, prefix="ref_")
+        check_ref_head(hidden, weight, ref_hidden, ref_weight, same_dtype=False)  # the torch path takes any pair
     if token_weights is not None and contrastive_logps is not None:
         raise ValueError("pass token_weights or contrastive_logps, not both")
     if token_weights is not None:
@@ -507,13 +382,10 @@ def fused_tis_dpo_loss(
         if ld_alpha is not None:
             raise ValueError("ld_alpha with group= is not supported: LD-DPO's shared length is a per-rank position "
                              "here, and a sequence's rows are split across the group")
-    backend = _resolve_backend(backend, hidden.device, weight.shape[1], grad_filter_eps is not None)
-    if use_weighting and backend in ("triton", "split"):
-        raise ValueError(
-            f"use_weighting=True (WPO) needs log sum_v p(v)^2 of every response token, which backend={backend!r} "
-            "does not compute; use backend='torch' (the chunked path computes it in its forward pass)"
-        )
-    opts = _kernel_options(chunk_size, deterministic, grad_filter_eps, fp32_precision, backend)
+    opts = kernel_options(chunk_size, deterministic, grad_filter_eps, fp32_precision)
+    impl = resolve(backend, hidden.device, weight.shape[1], dtype=hidden.dtype, kl=kl,
+                   grad_filter_eps=grad_filter_eps, use_weighting=use_weighting)
+    wpo = {"log_collision": True} if use_weighting else {}  # only backends with log_collision take it
     rows = _response_rows(labels, cu_seqlens, ignore_index, group)
     hidden_index = rows.index if row_index is None else row_index.to(torch.long)[rows.index]
     h_rows = _gather_rows(hidden, hidden_index)
@@ -521,20 +393,20 @@ def fused_tis_dpo_loss(
     if kl is not None:
         mode = "tis" if kl == "tisdpo" else "tdpo"
         ref_rows = _gather_rows(ref_hidden.detach(), hidden_index)
-        out = _linear_kl_rows(backend, h_rows, weight, rows.labels, ref_rows, ref_weight.detach(), mode, bias,
-                              None if ref_bias is None else ref_bias.detach(), opts, log_collision=use_weighting)
+        out = impl.kl(h_rows, weight, rows.labels, ref_rows, ref_weight.detach(), mode, bias,
+                      None if ref_bias is None else ref_bias.detach(), opts, **wpo)
         logps, lpref, token_kl = out[:3]
         if use_weighting:
             collision = out[3]
     else:
-        out = _linear_logprobs_rows(backend, h_rows, weight, rows.labels, bias, opts, log_collision=use_weighting)
+        out = impl.logprobs(h_rows, weight, rows.labels, bias, opts, **wpo)
         logps, collision = out if use_weighting else (out, None)
         if ref_logps is not None:
             lpref = ref_logps.reshape(-1)[rows.index].to(logps.dtype)
         else:
             with torch.no_grad():
-                lpref = _linear_logprobs_rows(backend, _gather_rows(ref_hidden, hidden_index), ref_weight,
-                                              rows.labels, ref_bias, opts)
+                lpref = impl.logprobs(_gather_rows(ref_hidden, hidden_index), ref_weight, rows.labels, ref_bias,
+                                      opts)
     w = None if token_weights is None else token_weights.reshape(-1)[rows.index].to(logps.dtype).detach()
     contrastive = None
     if contrastive_logps is not None:
@@ -546,13 +418,12 @@ def fused_tis_dpo_loss(
             contrastive = None
         ld = ld_token_weights(rows.seq_ids, rows.num_seqs, ld_alpha).to(logps.dtype)
         w = ld if w is None else w * ld
-    sums = _sequence_sums(backend, logps, lpref.detach(), w, contrastive, weight_transform, transform_kwargs,
-                          rows, token_kl, kl, collision)
+    sums = impl.sums(logps, lpref.detach(), w, rows.seq_ids, rows.num_seqs, token_kl=token_kl, kl=kl,
+                     contrastive=contrastive, weight_transform=weight_transform, transform_kwargs=transform_kwargs,
+                     **({"log_collision": collision} if use_weighting else {}))
     if group is not None:
         sums = all_reduce_sequence_sums(sums, group)
-    loss, metrics = pair_objective(sums, beta=beta, alpha=alpha, kl=kl, loss_type=loss_type,
-                                   label_smoothing=label_smoothing, loss_weights=loss_weights,
-                                   discopop_tau=discopop_tau, use_weighting=use_weighting)
+    loss, metrics = pair_objective(sums, options)
     ref_rows = None if ref_hidden is None else (lambda: _gather_rows(ref_hidden, hidden_index))
     _check_finite_result(torch.cat([loss.detach().reshape(1), sums.M.detach(), sums.LP.detach(), sums.K.detach()]),
                          (("hidden", h_rows), ("weight", weight), ("bias", bias), ("ref_hidden", ref_rows),

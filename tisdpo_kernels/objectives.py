@@ -2,11 +2,12 @@
 
 Everything here is O(batch) or O(tokens), never O(tokens x vocab), so the oracle (``reference.py``) and every
 backend share it: ``sequence_layout`` (padded / packed layouts -> per-token sequence ids), ``sequence_sums``
-(per-token vectors -> per-sequence sums ``SequenceSums``), ``pair_objective`` (sums -> loss and metrics,
-docs/design.md section 1) and the per-pair loss types of the DPO family, named and defined as in TRL's
-``DPOTrainer`` (TRL 1.x): every loss type is a function of per-pair quantities (``PairTerms``), one formula per
-loss type. They are checked on their own against a float64 transcription of TRL's formulas
-(``tests/test_objectives.py``), so an oracle test of a backend is not a test of these formulas against themselves.
+(per-token vectors -> per-sequence sums ``SequenceSums``), ``PairLossOptions`` (the loss's scalar options, validated
+once), ``pair_objective`` (sums and options -> loss and metrics, docs/design.md §1.2) and the per-pair loss types
+of the DPO family, named and defined as in TRL's ``DPOTrainer`` (TRL 1.x): every loss type is a function of
+per-pair quantities (``PairTerms``), one formula per loss type. They are checked on their own against a float64
+transcription of TRL's formulas (``tests/test_objectives.py``), so an oracle test of a backend is not a test of
+these formulas against themselves.
 
 Notation (per pair, chosen c / rejected r): ``s`` is the per-sequence score, ``s = M = sum_t w_t (lp_t - lpref_t)``
 without a KL variant (TRL's ``chosen_logratios``; with unit weights the summed log-ratio), the KL-adjusted score
@@ -45,9 +46,10 @@ Several types combine as ``sum_k loss_weights[k] * mean_pairs(loss_k)`` (TRL's `
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -204,10 +206,64 @@ def ld_token_weights(seq_ids: torch.Tensor, num_seqs: int, ld_alpha: float) -> t
 
 
 # ----------------------------------------------------------------------------------------------
-# sequence layout, per-sequence sums and the pair objective (shared by the oracle and every backend)
+# the scalar options of the pair loss
 # ----------------------------------------------------------------------------------------------
 
 KL_MODES = (None, "tisdpo", "tdpo1", "tdpo2")
+
+
+@dataclass(frozen=True)
+class PairLossOptions:
+    """The scalar options of the pair loss, validated once (``ValueError`` naming the argument).
+
+    The fields are ``fused_tis_dpo_loss``'s keywords of the same names (see there): ``beta`` and ``alpha`` (positive
+    finite), ``kl`` (one of ``KL_MODES``), ``loss_type`` (a name or a list of names, TRL's forms; a list is kept
+    as a tuple) with ``loss_weights``, ``label_smoothing``, ``discopop_tau`` (checked by ``loss_terms``),
+    ``ld_alpha`` (None or in [0, 1]; applied as token weights before the sums, ``ld_token_weights``) and
+    ``use_weighting`` (WPO). ``pair_objective`` takes them; a caller holding options under the same names passes
+    them through with ``{f.name: getattr(src, f.name) for f in dataclasses.fields(PairLossOptions)}``, and
+    ``as_kwargs()`` gives them back as keywords.
+    """
+
+    beta: float = 0.1
+    alpha: float = 0.5
+    kl: str | None = None
+    loss_type: str | Sequence[str] = "sigmoid"
+    label_smoothing: float = 0.0
+    loss_weights: Sequence[float] | None = None
+    discopop_tau: float = 0.05
+    ld_alpha: float | None = None
+    use_weighting: bool = False
+
+    def __post_init__(self):
+        for name in ("loss_type", "loss_weights"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        if self.kl not in KL_MODES:
+            raise ValueError(f"kl must be one of {KL_MODES}, got {self.kl!r}")
+        self.terms  # noqa: B018 (validates loss_type, loss_weights, label_smoothing, discopop_tau; cached)
+        for name in ("beta", "alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        check_ld_alpha(self.ld_alpha)
+
+    @functools.cached_property
+    def terms(self) -> tuple[tuple[str, float], ...]:
+        """``((loss type, weight), ...)`` of ``loss_type`` and ``loss_weights`` (``loss_terms``)."""
+        return loss_terms(self.loss_type, self.loss_weights, label_smoothing=self.label_smoothing,
+                          discopop_tau=self.discopop_tau, kl=self.kl, use_weighting=self.use_weighting)
+
+    def as_kwargs(self) -> dict:
+        """The options as keywords of ``fused_tis_dpo_loss`` / ``reference_tis_dpo_loss``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# ----------------------------------------------------------------------------------------------
+# sequence layout, per-sequence sums and the pair objective (shared by the oracle and every backend)
+# ----------------------------------------------------------------------------------------------
+
 
 
 @dataclass(frozen=True)
@@ -278,9 +334,8 @@ def sequence_sums(policy_logps, ref_logps, weights, seq_ids, num_seqs, *, token_
     )
 
 
-def pair_objective(sums: SequenceSums, *, beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0,
-                   loss_weights=None, discopop_tau=0.05, use_weighting=False):
-    """Per-sequence sums -> (scalar loss, dict of detached metrics). DESIGN §1; every path calls this.
+def pair_objective(sums: SequenceSums, options: PairLossOptions):
+    """Per-sequence sums -> (scalar loss, dict of detached metrics); docs/design.md §1.2. Every path calls this.
 
     Per-sequence scores ``s`` with ``h = s_c - s_r``: ``s = M`` (DPO / TIS-DPO); ``kl="tisdpo"``:
     ``s = M - alpha K``; ``"tdpo1"``: ``s = M + K``; ``"tdpo2"``: ``s_c = M_c + alpha stopgrad(K_c)``,
@@ -291,10 +346,10 @@ def pair_objective(sums: SequenceSums, *, beta=0.1, alpha=0.5, kl=None, loss_typ
     ``exp(LPA_c / n_c + LPA_r / n_r)``, the product of both responses' length-normalised probabilities under the
     policy, each token's probability divided by ``sum_v p(v)^2`` (needs ``sums.LPA``). It is a sequence-level
     weight that multiplies whatever the token weights did inside ``M``; it is computed from the unweighted
-    log-probs, as in TRL, so TIS-DPO and LD-DPO weights leave it unchanged.
+    log-probs, as in TRL, so TIS-DPO and LD-DPO weights leave it unchanged. (``options.ld_alpha`` acts before,
+    on the token weights inside the sums.)
     """
-    terms = loss_terms(loss_type, loss_weights, label_smoothing=label_smoothing, discopop_tau=discopop_tau, kl=kl,
-                       use_weighting=use_weighting)
+    beta, alpha, kl = options.beta, options.alpha, options.kl
     b = sums.M.shape[0] // 2
     mc, mr = sums.M[:b], sums.M[b:]
     kc, kr = sums.K[:b], sums.K[b:]
@@ -304,23 +359,21 @@ def pair_objective(sums: SequenceSums, *, beta=0.1, alpha=0.5, kl=None, loss_typ
         (sc, sr), vc, vr = (mc - alpha * kc, mr - alpha * kr), mc - kc, mr - kr
     elif kl == "tdpo1":
         (sc, sr), vc, vr = (mc + kc, mr + kr), mc + kc, mr + kr
-    elif kl == "tdpo2":
+    else:  # "tdpo2" (PairLossOptions checked kl)
         (sc, sr), vc, vr = (mc + alpha * kc.detach(), mr + alpha * kr), mc + kc, mr + kr
-    else:
-        raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
     nc, nr = sums.count[:b], sums.count[b:]
     lpw_c, lpw_r = sums.LPW[:b], sums.LPW[b:]
     pair = PairTerms(chosen=sc, rejected=sr, chosen_count=nc, rejected_count=nr, chosen_policy=lpw_c,
                      rejected_policy=lpw_r, chosen_ref=lpw_c - mc, rejected_ref=lpw_r - mr,
-                     chosen_nll=-sums.LP[:b].sum() / nc.sum(), beta=beta, label_smoothing=label_smoothing,
-                     discopop_tau=discopop_tau)
+                     chosen_nll=-sums.LP[:b].sum() / nc.sum(), beta=beta, label_smoothing=options.label_smoothing,
+                     discopop_tau=options.discopop_tau)
     pair_weight = None
-    if use_weighting:
+    if options.use_weighting:
         if sums.LPA is None:
             raise ValueError("use_weighting=True needs sums.LPA (pass log_collision to sequence_sums)")
         pair_weight = torch.exp(sums.LPA[:b] / nc + sums.LPA[b:] / nr).detach()
     loss = None
-    for name, weight in terms:
+    for name, weight in options.terms:
         losses = LOSS_FUNCTIONS[name](pair)
         if pair_weight is not None:
             losses = losses * pair_weight
@@ -347,6 +400,6 @@ def pair_objective(sums: SequenceSums, *, beta=0.1, alpha=0.5, kl=None, loss_typ
     return loss, metrics
 
 
-__all__ = ["KL_MODES", "LOSS_FUNCTIONS", "LOSS_TYPES", "NO_KL_LOSS_TYPES", "PairTerms", "SMOOTHED_LOSS_TYPES",
-           "SORTED_LOSS_TYPES", "SequenceLayout", "SequenceSums", "check_ld_alpha", "ld_token_weights", "loss_terms",
-           "pair_objective", "sequence_layout", "sequence_sums"]
+__all__ = ["KL_MODES", "LOSS_FUNCTIONS", "LOSS_TYPES", "NO_KL_LOSS_TYPES", "PairLossOptions", "PairTerms",
+           "SMOOTHED_LOSS_TYPES", "SORTED_LOSS_TYPES", "SequenceLayout", "SequenceSums", "check_ld_alpha",
+           "ld_token_weights", "loss_terms", "pair_objective", "sequence_layout", "sequence_sums"]

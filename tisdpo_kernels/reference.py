@@ -1,4 +1,4 @@
-"""Plain-PyTorch oracle for every loss in the package (docs/design.md, section 1).
+"""Plain-PyTorch oracle for every loss in the package (docs/design.md §1).
 
 Everything here materialises the full ``[tokens, vocab]`` logits, in float64 when the inputs are
 float64 and in float32 otherwise. It is slow and memory hungry on purpose: it is the readable
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .objectives import ld_token_weights, pair_objective, sequence_layout, sequence_sums
+from .objectives import PairLossOptions, ld_token_weights, pair_objective, sequence_layout, sequence_sums
 from .transforms import token_weights_from_contrastive
 
 
@@ -69,7 +69,10 @@ def reference_tis_dpo_loss(
     ld_alpha=None, use_weighting=False, ignore_index=-100, cu_seqlens=None,
 ):
     """The TIS-DPO family loss on materialised logits; same arguments and outputs as
-    ``tisdpo_kernels.fused_tis_dpo_loss`` (no input validation: pass valid inputs)."""
+    ``tisdpo_kernels.fused_tis_dpo_loss`` (no input validation but the scalar options': pass valid inputs)."""
+    options = PairLossOptions(beta=beta, alpha=alpha, kl=kl, loss_type=loss_type, label_smoothing=label_smoothing,
+                              loss_weights=loss_weights, discopop_tau=discopop_tau, ld_alpha=ld_alpha,
+                              use_weighting=use_weighting)
     layout = sequence_layout(labels, cu_seqlens)
     d = hidden.shape[-1]
     h = hidden.reshape(-1, d)
@@ -103,8 +106,7 @@ def reference_tis_dpo_loss(
     collision = reference_log_collision(h[mask], weight, bias=bias) if use_weighting else None
     sums = sequence_sums(lp_all[mask], lpref_all[mask], w, seq_ids, layout.num_seqs, token_kl=token_kl, kl=kl,
                          log_collision=collision)
-    return pair_objective(sums, beta=beta, alpha=alpha, kl=kl, loss_type=loss_type, label_smoothing=label_smoothing,
-                          loss_weights=loss_weights, discopop_tau=discopop_tau, use_weighting=use_weighting)
+    return pair_objective(sums, options)
 
 
 __all__ = ["reference_linear_logprobs", "reference_log_collision", "reference_tis_dpo_loss", "reference_token_kl"]

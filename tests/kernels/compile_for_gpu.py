@@ -71,6 +71,7 @@ def _launches(record):
     """Run every launcher the library has on meta tensors; ``record(label)`` tags what follows."""
     from tisdpo_kernels.ops import linear_logprobs as ll
     from tisdpo_kernels.ops import linear_split as ls
+    from tisdpo_kernels.ops._common import RefHead
 
     def meta(*shape, dtype=torch.float32):
         return torch.empty(*shape, device="meta", dtype=dtype)
@@ -82,7 +83,7 @@ def _launches(record):
             name = str(dtype).removeprefix("torch.")
             for kl in (0, 1, 2):
                 h, w = meta(n, d, dtype=dtype), meta(v, d, dtype=dtype)
-                ref = ll.RefHead(meta(n, d, dtype=dtype), meta(v, d, dtype=dtype), None) if kl else None
+                ref = RefHead(meta(n, d, dtype=dtype), meta(v, d, dtype=dtype), None) if kl else None
                 for has_bias in (True, False) if dtype == torch.bfloat16 and kl == 0 else (False,):
                     bias = meta(v, dtype=dtype) if has_bias else None
                     tag = f"kl{kl}-{name}-{shape}" + ("-bias" if has_bias else "")

@@ -3,6 +3,7 @@
 CPU runs go through the Triton interpreter (fp32 and fp16 here; bf16 ``tl.dot`` is wrong in the
 interpreter, so bf16 is covered by the ``gpu`` tests). Shapes are deliberately not multiples of any
 tile, and some tests pass small tile configs to force several row, vocabulary and hidden-size tiles.
+Strided inputs and zero rows are cases of the backend contract (``test_backend_contract.py``).
 """
 
 from __future__ import annotations
@@ -13,12 +14,8 @@ import triton
 import triton.language as tl
 
 from tisdpo_kernels.ops._config import LinearConfig, TileConfig
-from tisdpo_kernels.ops.linear_logprobs import (
-    LinearParams,
-    _offsets64,
-    linear_forward,
-    triton_linear_logprobs,
-)
+from tisdpo_kernels.ops._jit import offsets64
+from tisdpo_kernels.ops.linear_logprobs import LinearParams, linear_forward, triton_linear_logprobs
 from tisdpo_kernels.reference import reference_linear_logprobs
 
 from .helpers import SMALL_TILES, assert_close_to_truth, make_head, upstream_grad
@@ -79,16 +76,6 @@ def test_backward_with_one_vocabulary_tile_per_program(device):
     cfg = LinearConfig(fwd=TileConfig(16, 32, 16), bwd=TileConfig(16, 32, 16), fwd_splits=1, bwd_splits=None)
     hidden, weight, b, labels = make_head(20, 70, 20, torch.float32, device, seed=2)
     check_against_reference(hidden, weight, b, labels, config=cfg)
-
-
-def test_strided_inputs(device):
-    """Transposed views of hidden and weight, every other label and bias entry: strides are honoured."""
-    g = torch.Generator().manual_seed(13)
-    hidden = torch.randn(24, 29, generator=g).to(device).T.requires_grad_()  # [29, 24], stride (1, 29)
-    weight = (torch.randn(24, 77, generator=g) / 3).to(device).T.requires_grad_()  # [77, 24]
-    bias = torch.randn(154, generator=g).to(device)[::2].requires_grad_()
-    labels = torch.randint(0, 77, (58,), generator=g).to(device)[::2]
-    check_against_reference(hidden, weight, bias, labels)
 
 
 def test_upstream_gradient_is_applied_per_row(device):
@@ -172,19 +159,11 @@ def test_only_requested_gradients(device):
     torch.testing.assert_close(d_bias, ref[1], rtol=1e-5, atol=1e-6)
 
 
-def test_no_rows(device):
-    hidden, weight, b, labels = make_head(0, 40, 16, torch.float32, device)
-    out = triton_linear_logprobs(hidden, weight, labels, b)
-    assert out.shape == (0,)
-    d_hidden, d_weight, d_bias = torch.autograd.grad(out.sum(), (hidden, weight, b))
-    assert d_hidden.shape == (0, 16) and not d_weight.any() and not d_bias.any()
-
-
 @triton.jit
 def _offsets_probe_kernel(index_ptr, out_ptr, out32_ptr, stride, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     index = tl.load(index_ptr + i)  # int32, like tl.arange-based row indices
-    tl.store(out_ptr + i, _offsets64(index, stride))
+    tl.store(out_ptr + i, offsets64(index, stride))
     tl.store(out32_ptr + i, (index * stride).to(tl.int64))  # what a kernel without the cast computes
 
 

@@ -5,6 +5,7 @@ the torch twin (``elementwise="torch"``); the GEMMs run in fp32 on CPU (the ``ou
 CUDA-only), so the bf16 interpreter trap (``tl.dot``) does not arise: these kernels have no ``tl.dot``,
 and bf16 tensors really pass through them here (bias loads, ``dz`` stores). Scratch caps are chosen to
 force several splits, a short last split and row chunks (``n`` and ``V`` not multiples of anything).
+Strided inputs and zero rows are cases of the backend contract (``test_backend_contract.py``).
 """
 
 from __future__ import annotations
@@ -135,29 +136,6 @@ def test_without_bias_and_only_some_gradients(device):
     d_hidden, = torch.autograd.grad(split_linear_logprobs(hidden, weight, labels, scratch_bytes=N * 256 * 4), hidden, g)
     ref, = torch.autograd.grad(reference_linear_logprobs(hidden, weight, labels), hidden, g)
     torch.testing.assert_close(d_hidden, ref, rtol=1e-5, atol=1e-6)
-
-
-def test_strided_inputs(device):
-    """Transposed views of hidden and weight, every other bias entry and label."""
-    g = torch.Generator().manual_seed(13)
-    hidden = torch.randn(24, 29, generator=g).to(device).T.requires_grad_()  # [29, 24], stride (1, 29)
-    weight = (torch.randn(24, 300, generator=g) / 3).to(device).T.requires_grad_()  # [300, 24]
-    bias = torch.randn(600, generator=g).to(device)[::2].requires_grad_()
-    labels = torch.randint(0, 300, (58,), generator=g).to(device)[::2]
-    up = upstream_grad(29, device)
-    out = split_linear_logprobs(hidden, weight, labels, bias, scratch_bytes=29 * 256 * 5)  # 2 splits
-    ours = torch.autograd.grad(out, (hidden, weight, bias), up)
-    ref = torch.autograd.grad(reference_linear_logprobs(hidden, weight, labels, bias=bias), (hidden, weight, bias), up)
-    for o, r in zip(ours, ref, strict=True):
-        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
-
-
-def test_no_rows(device):
-    hidden, weight, b, labels = make_head(0, 40, 16, torch.float32, device)
-    out = split_linear_logprobs(hidden, weight, labels, b)
-    assert out.shape == (0,)
-    d_hidden, d_weight, d_bias = torch.autograd.grad(out.sum(), (hidden, weight, b))
-    assert d_hidden.shape == (0, 16) and not d_weight.any() and not d_bias.any()
 
 
 def test_split_plan():

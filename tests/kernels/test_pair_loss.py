@@ -1,20 +1,16 @@
-"""``ops/pair_loss.py``: per-sequence sums and their per-token gradients against ``reference.sequence_sums``
-(with weights from ``reference.token_weights_from_contrastive``), and the three kernel families chained
-into the loss against ``reference.reference_tis_dpo_loss``."""
+"""``ops/pair_loss.py``: per-sequence sums and their per-token gradients against ``objectives.sequence_sums``
+(with weights from ``transforms.token_weights_from_contrastive``). The head kernels chained into these sums and
+the pair objective, against ``reference.reference_tis_dpo_loss``, are a case of the backend contract
+(``test_backend_contract.py``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tisdpo_kernels.ops.linear_kl import triton_linear_kl
-from tisdpo_kernels.ops.linear_logprobs import triton_linear_logprobs
+from tisdpo_kernels.objectives import sequence_sums
 from tisdpo_kernels.ops.pair_loss import triton_sequence_sums
-from tisdpo_kernels.objectives import pair_objective, sequence_layout, sequence_sums
-from tisdpo_kernels.reference import reference_tis_dpo_loss
 from tisdpo_kernels.transforms import token_weights_from_contrastive
-
-from ..batches import make_batch
 
 FIELDS = ("M", "LP", "LPW", "K", "W", "count")
 TRANSFORMS = ["origin", "threshold", "threshold_and_scale", "exp_clamp"]
@@ -137,58 +133,6 @@ def test_bad_inputs(device):
         triton_sequence_sums(lp, ref, None, seq_ids, 4, kl="tdpo3")
     with pytest.raises(TypeError, match="policy_logps"):
         triton_sequence_sums(lp.half(), ref, None, seq_ids, 4)
-
-
-# ----------------------------------------------------------------------------------------------
-# the three kernel families chained into the loss
-# ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kl,weights", [(None, "contrastive"), ("tisdpo", "token"), ("tdpo1", "none"),
-                                        ("tdpo2", "token")])
-def test_kernels_chain_into_the_reference_loss(kl, weights, device):
-    """Response rows -> linear log-probs (or log-probs + KL) -> sequence sums -> ``pair_objective``:
-    loss, metrics and gradients w.r.t. hidden / weight / bias equal ``reference_tis_dpo_loss`` in fp32."""
-    b = make_batch(dtype=torch.float32)
-    hidden = b.hidden.to(device).requires_grad_()
-    weight = b.weight.to(device).requires_grad_()
-    bias = b.bias.to(device).requires_grad_()
-    labels = b.labels.to(device)
-    ref_hidden, ref_weight, ref_bias = b.ref_hidden.to(device), b.ref_weight.to(device), b.ref_bias.to(device)
-    tw, pos, neg = b.token_weights.to(device), b.pos_logps.to(device), b.neg_logps.to(device)
-    opts = dict(beta=0.3, alpha=0.7, kl=kl)
-    extra = {"token": dict(token_weights=tw), "contrastive": dict(contrastive_logps=(pos, neg),
-                                                                   weight_transform="exp_clamp"), "none": {}}[weights]
-    loss_ref, metrics_ref = reference_tis_dpo_loss(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden,
-                                                   ref_weight=ref_weight, ref_bias=ref_bias, **extra, **opts)
-    grads_ref = torch.autograd.grad(loss_ref, (hidden, weight, bias))
-
-    layout = sequence_layout(labels)
-    flat = labels.reshape(-1)
-    index = (flat != -100).nonzero().squeeze(1)
-    seq_ids, y = layout.seq_ids[index], flat[index]
-    h_rows = hidden.reshape(-1, hidden.shape[-1])[index]
-    rh_rows = ref_hidden.reshape(-1, ref_hidden.shape[-1])[index]
-    token_kl = None
-    if kl is None:
-        logps = triton_linear_logprobs(h_rows, weight, y, bias)
-        lpref = triton_linear_logprobs(rh_rows, ref_weight, y, ref_bias).detach()
-    else:
-        logps, lpref, token_kl = triton_linear_kl(h_rows, weight, y, rh_rows, ref_weight,
-                                                  "tis" if kl == "tisdpo" else "tdpo", bias, ref_bias)
-    sums = triton_sequence_sums(
-        logps, lpref, tw.reshape(-1)[index] if weights == "token" else None, seq_ids, layout.num_seqs,
-        token_kl=token_kl, kl=kl,
-        contrastive_logps=(pos.reshape(-1)[index], neg.reshape(-1)[index]) if weights == "contrastive" else None,
-        weight_transform="exp_clamp")
-    loss, metrics = pair_objective(sums, beta=0.3, alpha=0.7, kl=kl)
-    grads = torch.autograd.grad(loss, (hidden, weight, bias))
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
-    assert set(metrics) == set(metrics_ref)
-    for k in metrics:
-        torch.testing.assert_close(metrics[k], metrics_ref[k], rtol=1e-5, atol=1e-5, msg=k)
-    for a, c in zip(grads, grads_ref, strict=True):
-        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.gpu

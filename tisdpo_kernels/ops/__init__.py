@@ -6,7 +6,12 @@
   elementwise passes, an atomic-free backward (``split_linear_logprobs``, ``split_linear_kl``;
   ``backend="split"``, the ``"auto"`` choice on CUDA from D=512).
 - ``pair_loss``: per-sequence sums with the token-weight transform fused in (``triton_sequence_sums``).
-- ``_config``: tile shapes per (V, D) bucket, the split path's scratch cap, the ``backend="auto"`` table.
+- ``_common``: what the head backends share (input checks, ``RefHead`` / ``ForwardStats``, the token-KL codes,
+  the autograd Functions around a backend's launchers); plain torch, no Triton import.
+- ``_jit``: the Triton device functions the kernel families share (64-bit offsets).
+- ``_config``: tile shapes per (V, D) bucket, the split path's scratch cap.
+
+Which backend runs which of these, and what ``backend="auto"`` picks, is ``tisdpo_kernels.backends``' table.
 
 Importing a module compiles nothing; kernels are built on first launch. On CPU tensors they need
 ``TRITON_INTERPRET=1`` set before this package is imported.

@@ -129,7 +129,7 @@ def linear_config(vocab: int, dim: int) -> LinearConfig:
 TARGET_WAVES = 4
 # The all-Triton forward splits the vocabulary at least this many ways, on the fast grid axis: the
 # programs that run together then share a few ``hidden`` row panels in L2 instead of each streaming
-# its own (a byte count found ~141 GB of hidden re-reads at the Llama-3-8B shape otherwise).
+# its own (~141 GB of hidden re-reads at the Llama-3-8B shape otherwise, by the byte count of docs/design.md §4).
 FWD_SPLITS = 16
 
 
@@ -177,24 +177,3 @@ def split_tiles(cols: int) -> SplitTiles:
         width = min(1024, 1 << max(4, (cols - 1).bit_length()))
         return SplitTiles(stats_rows=32, stats_cols=width, stats_warps=4, dz_rows=32, dz_cols=width, dz_warps=4)
     return _SPLIT_GPU
-
-
-# ----------------------------------------------------------------------------------------------
-# backend="auto" on CUDA
-# ----------------------------------------------------------------------------------------------
-
-# The backend expected fastest, keyed by the hidden-size bucket (upper bound of D, inclusive). Not
-# measured yet: from the byte count of benchmarks/README.md ("Why the split path"). The split path
-# pays a fp32 logits round trip, about 658/D of the forward and 384/D of the backward GEMM time on an
-# H200 (bf16); the all-Triton kernels pay their fp32 atomics, ~3x the backward GEMM time at any D. So
-# the all-Triton kernels are expected to win only below D=512 (toy models). Replace by measured figures
-# from benchmarks/gpu_check.sh once they exist.
-AUTO_BACKENDS = (
-    (511, "triton"),
-    (None, "split"),
-)
-
-
-def auto_backend(dim: int | None) -> str:
-    """``"split"`` or ``"triton"``: the backend ``AUTO_BACKENDS`` expects fastest for hidden size ``dim``."""
-    return next(b for bound, b in AUTO_BACKENDS if bound is None or (dim is not None and dim <= bound))

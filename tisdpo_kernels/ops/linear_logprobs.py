@@ -7,13 +7,15 @@ it saves only the per-row log-sum-exp. The backward recomputes each logit tile f
 ``dz = g * (onehot(label) - p)`` and accumulates ``dH = dz @ W`` and ``dW = dz^T @ H`` (and
 ``dbias = sum_rows dz``) tile by tile, so no buffer larger than ``[n, D]`` / ``[V, D]`` ever exists.
 
-The kernels here also serve ``linear_kl.py``: ``KL_MODE`` (0 none, 1 ``KL(p_theta || p_ref)``,
-2 ``KL(p_ref || p_theta)``) adds the reference model's tiles and the KL accumulator / gradient.
+The kernels here also serve ``linear_kl.py``: ``KL_MODE`` (``_common.TOKEN_KL_CODES``: 0 none, 1
+``KL(p_theta || p_ref)``, 2 ``KL(p_ref || p_theta)``) adds the reference model's tiles and the KL accumulator /
+gradient. Both autograd Functions (``LinearLogprobsFunction``, ``LinearKLFunction``) are ``_common.head_functions``
+around the launchers here; the input checks and the launchers' types are ``_common.py``'s.
 
-Since issue 12 these all-Triton kernels are ``backend="triton"``: ``backend="auto"`` picks them on CUDA
-only below D=512 (``_config.AUTO_BACKENDS``; their fp32 atomics cost ~3x the backward GEMM time at any D,
-by the review's byte count) and whenever gradient filtering is asked for; ``linear_split.py`` is the
-default elsewhere. fp32 inputs use tf32 ``tl.dot`` unless ``fp32_precision="ieee"``.
+These all-Triton kernels are ``backend="triton"``: ``backend="auto"`` picks them on CUDA only below D=512
+(``backends.AUTO_BACKENDS``; by the byte count of docs/design.md §4 their fp32 atomics cost ~3x the backward GEMM
+time at any D) and whenever gradient filtering is asked for; ``linear_split.py`` is the default elsewhere
+(docs/design.md §3). fp32 inputs use tf32 ``tl.dot`` unless ``fp32_precision="ieee"``.
 
 Limits: fp32, fp16 and bf16 inputs (float64 raises ``TypeError``: use the torch path); accumulation
 in fp32; gradients returned in the input dtype, accumulated in fp32 buffers ``[n, D]`` and ``[V, D]``
@@ -38,22 +40,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import ForwardStats, RefHead, check_head, check_precision, head_functions, unit_stride
 from ._config import FWD_SPLITS, TARGET_WAVES, LinearConfig, interpreting, linear_config
-
-KL_MODES = {None: 0, "tis": 1, "tdpo": 2}
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ._jit import offsets64
 
 
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _offsets64(index, stride):
-    # index * stride passes 2**31 for row offsets of a [n, D] matrix once n*D > 2**31 (e.g. 600k
-    # tokens at D=4096) and for [V, D] heads such as V=256000, D=8192: form the product in int64.
-    return index.to(tl.int64) * stride
 
 
 @triton.jit
@@ -65,14 +59,14 @@ def _logit_tile(
 ):
     """fp32 ``h[rows] @ w[cols].T (+ b[cols])`` of one ``[BLOCK_N, BLOCK_V]`` tile; 0 where ``cols >= V``
     or ``rows >= n`` (callers set -inf where a log-sum-exp needs it)."""
-    h_rows = _offsets64(rows, stride_hn)[:, None]
-    w_rows = _offsets64(cols, stride_wv)[:, None]
+    h_rows = offsets64(rows, stride_hn)[:, None]
+    w_rows = offsets64(cols, stride_wv)[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d[None, :] < D
-        h = tl.load(h_ptr + h_rows + _offsets64(d, stride_hd)[None, :], mask=row_mask[:, None] & d_mask, other=0.0)
-        w = tl.load(w_ptr + w_rows + _offsets64(d, stride_wd)[None, :], mask=col_mask[:, None] & d_mask, other=0.0)
+        h = tl.load(h_ptr + h_rows + offsets64(d, stride_hd)[None, :], mask=row_mask[:, None] & d_mask, other=0.0)
+        w = tl.load(w_ptr + w_rows + offsets64(d, stride_wd)[None, :], mask=col_mask[:, None] & d_mask, other=0.0)
         if UPCAST:  # the interpreter's bf16 tl.dot is wrong; fp32 operands are exact there
             h = h.to(tl.float32)
             w = w.to(tl.float32)
@@ -149,7 +143,7 @@ def _linear_fwd_kernel(
             else:  # A = sum_v exp(z_ref - m_ref) (z_ref - z); KL = A/S_ref - lse_ref + lse
                 kl_acc = kl_acc * ref_scale - tl.sum(er * diff, 1)
 
-    out = _offsets64(split, n) + rows
+    out = offsets64(split, n) + rows
     tl.store(max_ptr + out, m, mask=row_mask)
     tl.store(sum_ptr + out, s, mask=row_mask)
     # exactly one split holds each row's label: only that one writes the label logit
@@ -255,20 +249,20 @@ def _linear_bwd_kernel(
                 d = d0 + tl.arange(0, BLOCK_D)
                 d_mask = d[None, :] < D
                 if COMPUTE_DH:
-                    w = tl.load(w_ptr + _offsets64(cols, stride_wv)[:, None] + _offsets64(d, stride_wd)[None, :],
+                    w = tl.load(w_ptr + offsets64(cols, stride_wv)[:, None] + offsets64(d, stride_wd)[None, :],
                                 mask=col_mask[:, None] & d_mask, other=0.0)
                     if UPCAST:
                         w = w.to(tl.float32)
                     dh = tl.dot(dz_op, w, input_precision=DOT_PRECISION)
-                    _accumulate(dh_ptr + _offsets64(rows, D)[:, None] + d[None, :], dh,
+                    _accumulate(dh_ptr + offsets64(rows, D)[:, None] + d[None, :], dh,
                                 row_mask[:, None] & d_mask, ATOMIC_DH)
                 if COMPUTE_DW:
-                    h = tl.load(h_ptr + _offsets64(rows, stride_hn)[:, None] + _offsets64(d, stride_hd)[None, :],
+                    h = tl.load(h_ptr + offsets64(rows, stride_hn)[:, None] + offsets64(d, stride_hd)[None, :],
                                 mask=row_mask[:, None] & d_mask, other=0.0)
                     if UPCAST:
                         h = h.to(tl.float32)
                     dw = tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION)
-                    _accumulate(dw_ptr + _offsets64(cols, D)[:, None] + d[None, :], dw,
+                    _accumulate(dw_ptr + offsets64(cols, D)[:, None] + d[None, :], dw,
                                 col_mask[:, None] & d_mask, ATOMIC_DW)
 
 
@@ -292,61 +286,6 @@ class LinearParams:
     deterministic: bool = False
     filter_eps: float | None = None
     fp32_precision: str = "tf32"
-
-
-@dataclass(frozen=True)
-class RefHead:
-    """The reference model's side of a KL call: ``hidden [n, D_ref]``, ``weight [V, D_ref]``, ``bias [V]``."""
-
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-
-
-@dataclass(frozen=True)
-class ForwardStats:
-    """Per-row outputs of the forward, each ``[n]`` fp32; the ``ref_*`` and ``kl`` fields only with a KL mode."""
-
-    logps: torch.Tensor
-    lse: torch.Tensor
-    ref_logps: torch.Tensor | None = None
-    ref_lse: torch.Tensor | None = None
-    kl: torch.Tensor | None = None
-
-
-def check_head(hidden, weight, bias, labels=None, prefix="", triton_device=True):
-    """Validate one head's tensors for the Triton kernels (raises TypeError / ValueError naming the argument).
-
-    ``triton_device=False`` skips the CUDA-or-interpreter check (for paths that also run on plain CPU)."""
-    for name, t in ((f"{prefix}hidden", hidden), (f"{prefix}weight", weight), (f"{prefix}bias", bias)):
-        if t is None and name.endswith("bias"):
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name}: the Triton kernels take fp32/fp16/bf16, got {t.dtype} "
-                            "(use backend='torch' for float64)")
-        if t.dtype != hidden.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {prefix}hidden has {hidden.dtype}")
-        if t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but {prefix}hidden is on {hidden.device}")
-    if triton_device and hidden.device.type != "cuda" and not interpreting():
-        raise ValueError(f"{prefix}hidden is on {hidden.device}: the Triton kernels need CUDA tensors, or "
-                         "TRITON_INTERPRET=1 set before triton is imported for CPU tensors")
-    if hidden.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"{prefix}hidden must be [n, D] and {prefix}weight [V, D], got "
-                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"{prefix}hidden has D={hidden.shape[1]} but {prefix}weight has D={weight.shape[1]}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{prefix}bias must be [V]=[{weight.shape[0]}], got {tuple(bias.shape)}")
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
-            raise TypeError(f"labels must be an int64 tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
-        if tuple(labels.shape) != (hidden.shape[0],):
-            raise ValueError(f"labels must be [n]=[{hidden.shape[0]}], got {tuple(labels.shape)}")
-        if labels.device != hidden.device:
-            raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
 
 
 @functools.cache
@@ -393,8 +332,7 @@ def linear_forward(hidden, weight, bias, labels, params: LinearParams, ref: RefH
     vocab = weight.shape[0]
     dev = hidden.device
     if n == 0:
-        empty = torch.empty(0, dtype=torch.float32, device=dev)
-        return ForwardStats(empty, empty, *((empty,) * 3 if ref is not None else ()))
+        return ForwardStats.empty(dev, ref is not None)
     cfg = _resolve_config(params, weight)
     tile = cfg.forward_tile(params.kl_mode)
     row_blocks = triton.cdiv(n, tile.block_n)
@@ -509,21 +447,7 @@ def linear_backward(hidden, weight, bias, labels, lse, grad_logps, params: Linea
 # ----------------------------------------------------------------------------------------------
 
 
-class LinearLogprobsFunction(torch.autograd.Function):
-    """``log_softmax(hidden @ weight.T + bias)[arange(n), labels]`` with the Triton kernels."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, params: LinearParams):
-        stats = linear_forward(hidden, weight, bias, labels, params)
-        ctx.save_for_backward(hidden, weight, bias, labels, stats.lse)
-        ctx.params = params
-        return stats.logps
-
-    @staticmethod
-    def backward(ctx, grad_logps):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        grads = linear_backward(hidden, weight, bias, labels, lse, grad_logps, ctx.params, ctx.needs_input_grad[:3])
-        return (*grads, None, None)
+LinearLogprobsFunction, LinearKLFunction = head_functions("Linear", linear_forward, linear_backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,16 +476,7 @@ def triton_linear_logprobs(hidden, weight, labels, bias=None, *, deterministic=F
     """
     check_head(hidden, weight, bias, labels)
     params = LinearParams(kl_mode=0, config=config, deterministic=deterministic, filter_eps=filter_eps,
-                          fp32_precision=_check_precision(fp32_precision))
+                          fp32_precision=check_precision(fp32_precision))
     # hidden and weight may be strided views; the kernels index labels and bias with unit stride
-    return LinearLogprobsFunction.apply(hidden, weight, _unit_stride(bias), labels.contiguous(), params)
+    return LinearLogprobsFunction.apply(hidden, weight, unit_stride(bias), labels.contiguous(), params)
 
-
-def _check_precision(fp32_precision):
-    if fp32_precision not in ("tf32", "ieee"):
-        raise ValueError(f"fp32_precision must be 'tf32' or 'ieee', got {fp32_precision!r}")
-    return fp32_precision
-
-
-def _unit_stride(t):
-    return None if t is None else t.contiguous()

@@ -48,6 +48,9 @@ input dtype. ``split_plan`` picks ``S`` (a multiple of ``SPLIT_COLUMN_MULTIPLE``
 Elementwise work runs in Triton on CUDA and under ``TRITON_INTERPRET=1``; on plain CPU tensors the same
 algorithm runs with torch elementwise ops (``elementwise="torch"``), so this backend runs anywhere.
 
+The autograd Functions are ``_common.head_functions`` around ``split_forward`` / ``split_backward`` (the same
+two classes as the all-Triton kernels'), the input checks ``_common.py``'s.
+
 Tested in ``tests/kernels/test_linear_split.py`` (interpreter, fp32/fp16/bf16 against ``reference.py``,
 determinism, the scratch cap at 2 x 4096 tokens), ``tests/kernels/test_split_precision.py`` (GEMM routes,
 flags, dW precision), ``tests/kernels/test_linear_split_memory.py`` (bytes at the Llama-3-8B head) and
@@ -64,6 +67,16 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import (
+    TOKEN_KL_CODES,
+    ForwardStats,
+    RefHead,
+    check_head,
+    check_precision,
+    check_ref_head,
+    head_functions,
+    unit_stride,
+)
 from ._config import (
     SPLIT_COLUMN_MULTIPLE,
     SPLIT_MAX_COLUMNS,
@@ -73,9 +86,7 @@ from ._config import (
     interpreting,
     split_tiles,
 )
-from .linear_logprobs import KL_MODES, ForwardStats, RefHead, _offsets64, _unit_stride, check_head
-
-FP32_PRECISIONS = ("tf32", "ieee")
+from ._jit import offsets64
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -106,7 +117,7 @@ def _split_stats_kernel(
         rs = tl.load(rs_ptr + rows_g, mask=row_mask, other=0.0)
         ref_label_logit = tl.load(ref_label_ptr + rows_g, mask=row_mask, other=0.0)
         acc = tl.load(acc_ptr + rows_g, mask=row_mask, other=0.0)
-    base = _offsets64(local, cols)[:, None]  # rows x cols passes 2**31 at large caps
+    base = offsets64(local, cols)[:, None]  # rows x cols passes 2**31 at large caps
     for c0 in range(0, cols, BLOCK_S):
         c = c0 + tl.arange(0, BLOCK_S)
         col_mask = c < cols
@@ -171,7 +182,7 @@ def _split_dz_kernel(
     col_mask = c < cols
     mask = row_mask[:, None] & col_mask[None, :]
     rows_g = row0 + local
-    offs = _offsets64(local, cols)[:, None] + c[None, :]
+    offs = offsets64(local, cols)[:, None] + c[None, :]
     z = tl.load(z_ptr + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         z += tl.load(b_ptr + v0 + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -196,7 +207,7 @@ def _split_dz_kernel(
     # explicit round-to-nearest-even: the GPU default, but the interpreter truncates fp32 -> bf16 without it
     tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
     if HAS_DB:
-        tl.store(db_ptr + _offsets64(tl.program_id(0), cols) + c, tl.sum(dz, 0), mask=col_mask)
+        tl.store(db_ptr + offsets64(tl.program_id(0), cols) + c, tl.sum(dz, 0), mask=col_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,13 +515,12 @@ def split_forward(hidden, weight, bias, labels, params: SplitParams, ref: RefHea
     ``ref``), each ``[n]`` fp32, one vocabulary split at a time."""
     n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
     kl = params.kl_mode != 0
+    if n == 0:
+        return ForwardStats.empty(dev, kl)
     names = ("m", "s", "label", "rm", "rs", "ref_label", "acc") if kl else ("m", "s", "label")
     st = {k: _alloc((n,), torch.float32, dev) for k in names}
     for k in names:
         st[k].fill_(float("-inf") if k in ("m", "rm") else 0.0)
-    if n == 0:
-        empty = st["m"]
-        return ForwardStats(empty, empty, *((empty,) * 3 if kl else ()))
     plan = _plan(params, hidden, weight, bias)
     zbuf = _alloc((plan.rows * plan.cols,), torch.float32, dev)
     zrbuf = _alloc((plan.rows * plan.cols,), torch.float32, dev) if kl else None
@@ -652,43 +662,7 @@ def _backward_splits(hidden, weight, bias, labels, lse, g, gk, zeros, params, re
 # ----------------------------------------------------------------------------------------------
 
 
-class SplitLinearLogprobsFunction(torch.autograd.Function):
-    """``log_softmax(hidden @ weight.T + bias)[arange(n), labels]``, split-wise."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, params: SplitParams):
-        stats = split_forward(hidden, weight, bias, labels, params)
-        ctx.save_for_backward(hidden, weight, bias, labels, stats.lse)
-        ctx.params = params
-        return stats.logps
-
-    @staticmethod
-    def backward(ctx, grad_logps):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        grads = split_backward(hidden, weight, bias, labels, lse, grad_logps, ctx.params, ctx.needs_input_grad[:3])
-        return (*grads, None, None)
-
-
-class SplitLinearKLFunction(torch.autograd.Function):
-    """``(logps, ref_logps, token_kl)`` split-wise; gradients into the policy only."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, params: SplitParams):
-        ref = RefHead(ref_hidden, ref_weight, ref_bias)
-        stats = split_forward(hidden, weight, bias, labels, params, ref=ref)
-        ctx.save_for_backward(hidden, weight, bias, labels, stats.lse, ref_hidden, ref_weight, ref_bias,
-                              stats.ref_lse, stats.kl)
-        ctx.params = params
-        ctx.mark_non_differentiable(stats.ref_logps)
-        return stats.logps, stats.ref_logps, stats.kl
-
-    @staticmethod
-    def backward(ctx, grad_logps, _grad_ref_logps, grad_kl):
-        hidden, weight, bias, labels, lse, ref_hidden, ref_weight, ref_bias, ref_lse, token_kl = ctx.saved_tensors
-        grads = split_backward(hidden, weight, bias, labels, lse, grad_logps, ctx.params, ctx.needs_input_grad[:3],
-                               ref=RefHead(ref_hidden, ref_weight, ref_bias), ref_lse=ref_lse, token_kl=token_kl,
-                               grad_kl=grad_kl)
-        return (*grads, None, None, None, None, None)
+SplitLinearLogprobsFunction, SplitLinearKLFunction = head_functions("SplitLinear", split_forward, split_backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -697,18 +671,12 @@ class SplitLinearKLFunction(torch.autograd.Function):
 
 
 def _params(kl_mode, scratch_bytes, fp32_precision, elementwise) -> SplitParams:
-    if fp32_precision not in FP32_PRECISIONS:
-        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
+    check_precision(fp32_precision)
     if scratch_bytes is not None and (not isinstance(scratch_bytes, int) or scratch_bytes < 1):
         raise ValueError(f"scratch_bytes must be a positive int or None, got {scratch_bytes!r}")
     if elementwise not in (None, "triton", "torch"):
         raise ValueError(f"elementwise must be None, 'triton' or 'torch', got {elementwise!r}")
     return SplitParams(kl_mode, scratch_bytes, fp32_precision, elementwise)
-
-
-def _check(hidden, weight, bias, labels=None, prefix=""):
-    # plain CPU tensors are fine here (the torch elementwise twin runs): no Triton device check
-    check_head(hidden, weight, bias, labels, prefix, triton_device=hidden.device.type == "cuda" or interpreting())
 
 
 def split_linear_logprobs(hidden, weight, labels, bias=None, *, scratch_bytes=None, fp32_precision="tf32",
@@ -728,9 +696,9 @@ def split_linear_logprobs(hidden, weight, labels, bias=None, *, scratch_bytes=No
     Returns:
         ``[n]`` float32, differentiable w.r.t. hidden, weight and bias (gradients in their dtype).
     """
-    _check(hidden, weight, bias, labels)
+    check_head(hidden, weight, bias, labels, triton_device=False)  # plain CPU tensors run the torch twin
     params = _params(0, scratch_bytes, fp32_precision, elementwise)
-    return SplitLinearLogprobsFunction.apply(hidden, weight, _unit_stride(bias), labels.contiguous(), params)
+    return SplitLinearLogprobsFunction.apply(hidden, weight, unit_stride(bias), labels.contiguous(), params)
 
 
 def split_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=None, ref_bias=None, *,
@@ -743,15 +711,10 @@ def split_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=N
     """
     if mode not in ("tis", "tdpo"):
         raise ValueError(f"mode must be 'tis' or 'tdpo', got {mode!r}")
-    _check(hidden, weight, bias, labels)
-    _check(ref_hidden, ref_weight, ref_bias, prefix="ref_")
-    if ref_hidden.dtype != hidden.dtype:
-        raise TypeError(f"ref_hidden has dtype {ref_hidden.dtype} but hidden has {hidden.dtype}")
-    if ref_hidden.shape[0] != hidden.shape[0]:
-        raise ValueError(f"ref_hidden has {ref_hidden.shape[0]} rows but hidden has {hidden.shape[0]}")
-    if ref_weight.shape[0] != weight.shape[0]:
-        raise ValueError(f"ref_weight has vocabulary {ref_weight.shape[0]} but weight has {weight.shape[0]}")
-    params = _params(KL_MODES[mode], scratch_bytes, fp32_precision, elementwise)
-    ref_bias = _unit_stride(None if ref_bias is None else ref_bias.detach())
-    return SplitLinearKLFunction.apply(hidden, weight, _unit_stride(bias), labels.contiguous(), ref_hidden.detach(),
+    check_head(hidden, weight, bias, labels, triton_device=False)  # plain CPU tensors run the torch twin
+    check_head(ref_hidden, ref_weight, ref_bias, prefix="ref_", triton_device=False)
+    check_ref_head(hidden, weight, ref_hidden, ref_weight)
+    params = _params(TOKEN_KL_CODES[mode], scratch_bytes, fp32_precision, elementwise)
+    ref_bias = unit_stride(None if ref_bias is None else ref_bias.detach())
+    return SplitLinearKLFunction.apply(hidden, weight, unit_stride(bias), labels.contiguous(), ref_hidden.detach(),
                                        ref_weight.detach(), ref_bias, params)

@@ -1,7 +1,7 @@
 """Per-sequence sums of the TIS-DPO family loss, with the elementwise token-weight transform fused in.
 
 Given per-token vectors of the response tokens (policy log-probs ``lp``, reference log-probs
-``lpref``, optional per-token KL) sorted by sequence id, computes per sequence ``s`` (DESIGN §1)::
+``lpref``, optional per-token KL) sorted by sequence id, computes per sequence ``s`` (docs/design.md §1.2)::
 
     M_s = sum w (lp - lpref)   LP_s = sum lp   LPW_s = sum w lp   W_s = sum w   count_s = #tokens
     K_s = sum w KL (kl="tisdpo")  or  sum KL (kl="tdpo1"/"tdpo2")  or 0 (no KL)
@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..objectives import KL_MODES, SequenceSums
 from ..transforms import transform_params
-from ._config import interpreting
+from ._common import check_triton_device
 
 TRANSFORMS = {"origin": 0, "threshold": 1, "threshold_and_scale": 2, "exp_clamp": 3}
 _BLOCK = 256
@@ -287,9 +287,7 @@ def triton_sequence_sums(policy_logps, ref_logps, weights, seq_ids, num_seqs, *,
             policy_logps.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"policy_logps must be a 1-D float32/float64 tensor, got "
                         f"{getattr(policy_logps, 'dtype', type(policy_logps).__name__)}")
-    if policy_logps.device.type != "cuda" and not interpreting():
-        raise ValueError(f"policy_logps is on {policy_logps.device}: the Triton kernels need CUDA tensors, or "
-                         "TRITON_INTERPRET=1 set before triton is imported for CPU tensors")
+    check_triton_device("policy_logps", policy_logps)
     n = policy_logps.shape[0]
     pos, neg = contrastive_logps if contrastive_logps is not None else (None, None)
     named = {"ref_logps": ref_logps, "weights": weights, "token_kl": token_kl,
