@@ -43,7 +43,8 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from tisdpo_kernels.loss import BACKENDS as LOSS_BACKENDS
+from tisdpo_kernels.backends import BACKENDS as LOSS_BACKENDS
+from tisdpo_kernels.backends import help_text as backends_help
 from tisdpo_kernels.objectives import KL_MODES, LOSS_TYPES, SMOOTHED_LOSS_TYPES, check_ld_alpha, loss_terms
 
 from .formats import TOKENIZATION_MODES, TRUNCATION_MODES
@@ -165,8 +166,8 @@ class TISDPOConfig(TrainingArguments):
         metadata={
             "help": "WPO: multiply each pair's loss by the product of both responses' length-normalised "
             "probabilities under the policy (each token's probability over sum_v p(v)^2, no gradient), as in TRL. "
-            "A per-pair weight on top of the token weights, computed from unweighted log-probs. Needs "
-            "loss_backend='torch' (the Triton kernels do not compute sum_v p(v)^2)."
+            "A per-pair weight on top of the token weights, computed from unweighted log-probs. Only "
+            "loss_backend='torch' computes sum_v p(v)^2 ('auto' picks it; 'triton' and 'split' refuse)."
         },
     )
     rpo_alpha: float | None = field(
@@ -277,8 +278,7 @@ class TISDPOConfig(TrainingArguments):
     loss_backend: str = field(
         default="auto",
         metadata={
-            "help": "Implementation of the fused loss: 'auto' (Triton on CUDA, chunked PyTorch otherwise), "
-            "'triton' or 'torch' (the chunked PyTorch path).",
+            "help": "Implementation of the fused loss: " + backends_help() + ".",
             "choices": list(LOSS_BACKENDS),
         },
     )

@@ -142,8 +142,10 @@ DEVICES = {"cpu": "CPU", "cuda": "CUDA", "interpreter": "CPU under TRITON_INTERP
 @dataclass(frozen=True)
 class Backend:
     """One row of the table. ``devices``: keys of ``DEVICES`` (``"cpu"``: plain CPU, and any other device torch
-    runs on). ``deterministic``: ``"always"`` (bit-reproducible by construction) or ``"option"``
-    (``deterministic=True`` asks for an atomic-free backward). ``log_collision``: computes WPO's
+    runs on). ``deterministic``: ``"always"`` (bit-reproducible by construction), ``"cpu"`` (bit-reproducible on
+    CPU; on CUDA its per-sequence sums use ``index_add``, whose float atomics need
+    ``torch.use_deterministic_algorithms(True)``) or ``"option"`` (``deterministic=True`` asks for an atomic-free
+    backward). ``log_collision``: computes WPO's
     ``log sum_v p(v)^2`` (``use_weighting``)."""
 
     name: str
@@ -171,7 +173,7 @@ TABLE: dict[str, Backend] = {
         Backend(
             "torch", "chunked PyTorch: one chunk of [rows, V] logits at a time, forward and backward (`chunked.py`)",
             _torch_logprobs, _torch_kl, _torch_sums, devices=("cpu", "cuda"), needs_triton=False,
-            log_collision=True, float64=True,
+            deterministic="cpu", log_collision=True, float64=True,
             lacks=(("grad_filter_eps", "its gradients are always exact"),),
         ),
         Backend(
@@ -306,11 +308,18 @@ _COLUMNS = ("backend", "what runs", "devices", "needs `triton`", "`kl`", "`grad_
             "`use_weighting` (WPO)", "float64")
 
 
+_DETERMINISM = {
+    "always": "always (bit-reproducible)",
+    "cpu": "on CPU always; on CUDA under `torch.use_deterministic_algorithms(True)` (`index_add` sums)",
+    "option": "with `deterministic=True`",
+}
+
+
 def _row(b: Backend) -> tuple[str, ...]:
     kls = "all" if b.kl_variants == KL_MODES else ", ".join(map(str, b.kl_variants))
     return (f"`{b.name}`", b.summary, ", ".join(DEVICES[d] for d in b.devices), "yes" if b.needs_triton else "no",
             kls, "yes" if b.grad_filter else f"refused: {b.why_not('grad_filter_eps')}",
-            "always (bit-reproducible)" if b.deterministic == "always" else "with `deterministic=True`",
+            _DETERMINISM[b.deterministic],
             "yes" if b.log_collision else "refused", "yes" if b.float64 else "refused")
 
 
