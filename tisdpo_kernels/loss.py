@@ -305,9 +305,12 @@ def fused_tis_dpo_loss(
             before the pair loss, and every rank returns the global loss and metrics. Each rank's rows get the
             gradient of that global loss; sum (do not average) parameter gradients over the group. See
             ``tisdpo_kernels.distributed``.
-        fp32_precision: fp32 inputs on CUDA: ``"tf32"`` (default; tensor cores, 10-bit mantissa products,
-            fp32 accumulation) or ``"ieee"`` (full fp32 products, several times slower). Half-precision
-            inputs and the torch path are unaffected.
+        fp32_precision: fp32 inputs on CUDA: ``"tf32"`` (default: tf32 tensor cores allowed; the Triton
+            kernels use them, the split path's cuBLAS GEMMs use them where the process allows tf32, e.g.
+            ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` or ``TrainingArguments(tf32=True)``: the loss
+            never flips that process-wide flag) or ``"ieee"`` (full fp32 products, several times slower; the split
+            path computes them in fp64 when the process allows tf32). Half-precision inputs and the torch path are
+            unaffected.
     Returns:
         ``(loss, metrics)``: scalar loss (float32, float64 for float64 inputs) and a dict of detached
         scalars averaged over pairs: ``rewards/{chosen,rejected,margins,accuracies}``,
