@@ -179,5 +179,32 @@ def context_parallel_group(accelerator):
     return accelerator.torch_device_mesh["cp"].get_group()
 
 
-__all__ = ["context_parallel_group", "deepspeed_frozen", "full_frozen", "head_forward", "layer_classes",
+class _SumOverGroup(torch.autograd.Function):
+    """Identity forward; backward times `factor` (the context-parallel group's size)."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, factor: int) -> torch.Tensor:
+        ctx.factor = factor
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def context_parallel_loss(loss: torch.Tensor, group) -> torch.Tensor:
+    """`loss` (a scalar, the global loss every rank of the context-parallel `group` returns) with its value
+    unchanged and its gradient multiplied by the group's size.
+
+    Each rank's parameters get only their rows' share of the gradient, and the shares must be summed over the
+    group; FSDP2 under accelerate's parallelism config averages gradients over the flattened data x context mesh,
+    which divides by `cp` once too often (`docs/design.md §5`). The factor puts it back, so gradients, `grad_norm`
+    and clipping equal one process's on the same pairs."""
+    import torch.distributed as dist
+
+    size = dist.get_world_size(group)
+    return _SumOverGroup.apply(loss, size) if size > 1 else loss
+
+
+__all__ = ["context_parallel_group", "context_parallel_loss", "deepspeed_frozen", "full_frozen", "head_forward", "layer_classes",
            "prepare_reference", "shard_frozen"]

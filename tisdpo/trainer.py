@@ -45,7 +45,7 @@ from tisdpo_kernels.transforms import apply_weight_transform
 
 from .config import TISDPOConfig
 from .data import IGNORE_INDEX, PreferenceCollator, prepare_preference_dataset, split_responses
-from .distributed import context_parallel_group, full_frozen, head_forward, prepare_reference
+from .distributed import context_parallel_group, context_parallel_loss, full_frozen, head_forward, prepare_reference
 from .formats import (
     CHOSEN_IDS,
     CHOSEN_WEIGHTS,
@@ -573,7 +573,10 @@ class TISDPOTrainer(Trainer):
                 **tensors,
             )
 
-        return head_forward(head, loss, hidden.reshape(-1, dim))
+        value, metrics = head_forward(head, loss, hidden.reshape(-1, dim))
+        if group is not None:  # the ranks' gradient shares are summed over the group, not averaged
+            value = context_parallel_loss(value, group)
+        return value, metrics
 
     def _sft_loss(self, model, chosen):
         """Negative log-likelihood of the chosen responses averaged over all their tokens (TRL's 'sft'), times the
