@@ -659,10 +659,27 @@ class TISDPOTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """`Trainer.save_model`, plus a model card `README.md` (tags, objective, citations) in `output_dir`."""
-        super().save_model(output_dir, _internal_call)
+        """`Trainer.save_model`, plus a model card `README.md` (tags, objective, citations) in `output_dir`. Under
+        FSDP with a sharded state dict type, a save asked for by the user (not a checkpoint's) writes the whole
+        model too (`_save_gathered_fsdp_model`)."""
+        if not _internal_call and self._fsdp_saves_no_full_model():
+            self._save_gathered_fsdp_model(output_dir or self.args.output_dir)
+        else:
+            super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             self.create_model_card_file(output_dir or self.args.output_dir)
+
+    def _fsdp_saves_no_full_model(self) -> bool:
+        """FSDP with `SHARDED_STATE_DICT` (the shipped config's), where `Trainer.save_model` writes no weights."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        return plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
+
+    def _save_gathered_fsdp_model(self, output_dir: str) -> None:
+        """The whole model, gathered from its FSDP shards (`accelerator.get_state_dict`: a collective, every rank
+        calls it; the full tensors land on the CPU of the main process), written by the main process with
+        `save_pretrained` so that `from_pretrained(output_dir)` loads it. Checkpoints stay sharded."""
+        state_dict = self.accelerator.get_state_dict(self.model)
+        self._save(output_dir, state_dict=state_dict)
 
     def _save_checkpoint(self, model, trial):
         if self.args.should_save:  # as TRL: the run's output_dir holds the card of the latest checkpoint

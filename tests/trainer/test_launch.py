@@ -1,0 +1,130 @@
+"""The README's launch commands on CPU: `accelerate launch --config_file examples/accelerate/<config>.yaml -m tisdpo
+train --config run.yaml` on 2 gloo processes against `python -m tisdpo train --config run.yaml` on one, the same
+pairs (tests/assets/tiny_run.yaml's data, 1 pair per process vs 2 in one process, 2 SGD steps of lr 0.5, the
+default gradient clipping at 1.0), then the final model reloaded with `from_pretrained`.
+
+The shipped config is changed only where a CPU run must: `num_processes: 2`, `mixed_precision: "no"` (float32
+runs, for tight bounds). On CPU accelerate runs an FSDP config as DDP; tests/trainer/shard_on_cpu/sitecustomize.py
+(on PYTHONPATH with TISDPO_TEST_SHARD_ON_CPU=1, test-only) lifts that one gate, and the run proves it is sharded:
+its checkpoint is a torch.distributed.checkpoint with one shard file per rank, and its output_dir held no model
+before `TISDPOTrainer.save_model` gathered one.
+
+Bounds (float32): the 2-process runs add the same terms in another order (per-rank means averaged by the
+gradient reduction), as in tests/trainer/test_distributed.py: losses and metrics rel 1e-5 (abs 1e-6),
+grad_norm rel 1e-5, parameters rtol 1e-4 / atol 1e-6; the steps move the parameters by ~1e-2 to 1e-1.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from tests.trainer.tiny import tiny_llama
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUN_YAML = os.path.join(REPO, "tests", "assets", "tiny_run.yaml")
+SHARD_ON_CPU = os.path.join(REPO, "tests", "trainer", "shard_on_cpu")
+STEPS = 2
+COMMON = ["--max_steps", str(STEPS), "--optim", "sgd", "--learning_rate", "0.5", "--save_strategy", "steps",
+          "--save_steps", str(STEPS)]
+
+
+def _env() -> dict:
+    path = os.pathsep.join([SHARD_ON_CPU, REPO, os.environ.get("PYTHONPATH", "")])
+    return dict(os.environ, PYTHONPATH=path, TISDPO_TEST_SHARD_ON_CPU="1", OMP_NUM_THREADS="1")
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _run(cmd, cwd) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def _result(out) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    with open(os.path.join(out, "trainer_state.json")) as f:
+        history = [e for e in json.load(f)["log_history"] if "loss" in e]
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    return {"history": history, "params": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tests.trainer.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    path = tmp_path_factory.mktemp("model")
+    tiny_llama(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def single(model_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("single") / "run")
+    _run([sys.executable, "-m", "tisdpo", "train", "--config", RUN_YAML, "--model_name_or_path", model_dir,
+          "--output_dir", out, "--per_device_train_batch_size", "2", *COMMON], REPO)
+    return _result(out)
+
+
+def launch(config: str, model_dir: str, tmp_path) -> str:
+    """`accelerate launch --config_file <config, 2 CPU processes, fp32> -m tisdpo train --config run.yaml`."""
+    with open(os.path.join(REPO, "examples", "accelerate", config)) as f:
+        settings = yaml.safe_load(f)
+    settings.update(num_processes=2, mixed_precision="no")
+    config_file = tmp_path / config
+    config_file.write_text(yaml.safe_dump(settings))
+    out = str(tmp_path / "run")
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    _run([accelerate, "launch", "--config_file", str(config_file), "--main_process_port", _free_port(), "-m",
+          "tisdpo", "train", "--config", RUN_YAML, "--model_name_or_path", model_dir, "--output_dir", out,
+          "--per_device_train_batch_size", "1", *COMMON], REPO)
+    return out
+
+
+def assert_same_run(single, sharded):
+    assert len(single["history"]) == len(sharded["history"]) == STEPS
+    for k, (a, b) in enumerate(zip(single["history"], sharded["history"], strict=True)):
+        print(f"step {k}: loss {a['loss']:.8f} vs {b['loss']:.8f}, grad_norm {a['grad_norm']:.6f} vs "
+              f"{b['grad_norm']:.6f}")
+        metrics = {n for n in a if n not in ("tokens_per_second", "epoch")}
+        assert metrics == {n for n in b if n not in ("tokens_per_second", "epoch")}
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        for name in sorted(metrics):
+            assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), f"step {k}: {name}"
+    assert single["history"][0]["grad_norm"] > 1.0  # the default max_grad_norm clips
+    assert set(single["params"]) == set(sharded["params"])
+    for name, value in single["params"].items():
+        torch.testing.assert_close(sharded["params"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def assert_moved(result, model_dir):
+    """The saved model is the trained one, not the initial weights."""
+    from transformers import AutoModelForCausalLM
+
+    initial = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    change = max(float((result["params"][k] - v).abs().max()) for k, v in initial.items())
+    assert change > 1e-3, change
+
+
+def test_fsdp2_launch_matches_one_process_and_saves_a_model(single, model_dir, tmp_path):
+    """examples/accelerate/fsdp2.yaml (FSDP2, SHARDED_STATE_DICT): losses, grad_norm, metrics and the reloaded
+    final model equal one process's; the checkpoint is sharded (one .distcp per rank)."""
+    out = launch("fsdp2.yaml", model_dir, tmp_path)
+    shards = sorted(os.listdir(os.path.join(out, f"checkpoint-{STEPS}", "pytorch_model_fsdp_0")))
+    assert [f for f in shards if f.endswith(".distcp")] == ["__0_0.distcp", "__1_0.distcp"]
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
+    sharded = _result(out)
+    assert_same_run(single, sharded)
+    assert_moved(sharded, model_dir)
