@@ -53,9 +53,10 @@ def head_forward(head: nn.Module, fn: Callable, hidden: torch.Tensor):
       a multi-module group never completes and crashes its backward, seen with torch 2.13). If the group was
       resharded after the decoder's forward, `head.unshard()` gathers it; the group's post-backward (or the
       root's final callback) reduce-scatters the head's gradient and reshards, as for the model's own head call.
-    - Otherwise (DeepSpeed ZeRO-3, DDP, one process) `head(hidden)` runs with the module's forward temporarily
-      replaced by `fn`, so every hook on the head fires around it: ZeRO-3 gathers the weight, partitions and
-      reduces its gradient. Only `hidden` goes through the call (floating forward inputs may be cast by an
+    - Otherwise (DeepSpeed ZeRO-3, DDP, one process, a model dispatched with `device_map`) `head(hidden)` runs
+      with the module's forward temporarily replaced by `fn`, so every hook on the head fires around it: ZeRO-3
+      gathers the weight, partitions and reduces its gradient; accelerate's dispatch hook moves `hidden` to the
+      head's device and loads an offloaded weight. Only `hidden` goes through the call (floating forward inputs may be cast by an
       engine's mixed-precision policy; the reference log-probs and token weights that `fn` closes over must
       not be).
     """
@@ -75,15 +76,19 @@ def head_forward(head: nn.Module, fn: Callable, hidden: torch.Tensor):
             )
         return fn(weight, bias, rows)
 
-    previous = head.__dict__.get("forward")
-    head.forward = forward
+    # a model dispatched by accelerate (`device_map`: layers over several devices, or offloaded) has its forward
+    # wrapped by a hook that moves the inputs to the weight's device (and loads an offloaded weight): the hook's
+    # wrapper calls `_old_forward`, which is the one to replace then
+    name = "_old_forward" if hasattr(head, "_hf_hook") and "_old_forward" in head.__dict__ else "forward"
+    previous = head.__dict__.get(name)
+    setattr(head, name, forward)
     try:
         return head(hidden)
     finally:
         if previous is None:
-            del head.forward
+            delattr(head, name)
         else:
-            head.forward = previous
+            setattr(head, name, previous)
 
 
 def full_frozen(t: torch.Tensor | None) -> torch.Tensor | None:

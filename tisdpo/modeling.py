@@ -198,9 +198,11 @@ def dataset_fingerprint(dataset) -> str:
     return hasher.hexdigest()
 
 
-def load_causal_lm(name_or_path: str, *, device: str, dtype: str | None = None):
+def load_causal_lm(name_or_path: str, *, device: str, dtype: str | None = None, device_map=None):
     """``AutoModelForCausalLM.from_pretrained`` in eval mode on ``device``; ``dtype`` default: bfloat16
-    on a CUDA device that supports it, float32 otherwise."""
+    on a CUDA device that supports it, float32 otherwise. ``device_map`` (``"auto"``, ``"balanced"``,
+    ``"sequential"`` or a dict, transformers' meaning): the layers spread over the visible devices instead (a
+    model too large for one GPU); ``device`` then only picks the default dtype."""
     from transformers import AutoModelForCausalLM
 
     if dtype is None:
@@ -210,4 +212,6 @@ def load_causal_lm(name_or_path: str, *, device: str, dtype: str | None = None):
         resolved = getattr(torch, dtype, None)
         if not isinstance(resolved, torch.dtype):
             raise ValueError(f"dtype must name a torch dtype (e.g. bfloat16), got {dtype!r}")
+    if device_map is not None:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolved, device_map=device_map).eval()
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolved).to(device).eval()

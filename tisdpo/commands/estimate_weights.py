@@ -79,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=1024)
     parser.add_argument("--cache-dir", default=None, help="shard cache (default ~/.cache/tisdpo/token_weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device-map", type=_device_map, default=None,
+                        help="spread each model over the visible GPUs (and CPU) for models too large for one GPU: "
+                        "transformers' device_map (auto, balanced, sequential or a JSON object); one process, "
+                        "replaces --device")
     parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on CUDA, else float32)")
     parser.add_argument("--no-progress", action="store_true")
     args = parse_with_yaml(parser, argv)
@@ -90,14 +94,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.eos_weight is not None and args.transform is None:
         parser.error("--eos-weight needs --transform")
 
+    if args.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parser.error("--device-map spreads one process's models over the GPUs: run it without torchrun")
     rank, device = _start_processes(args.device)
     dataset = load_preference_dataset(args.dataset, split=args.split)
     if args.max_samples is not None:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.plus_model)
-    pi_plus = load_causal_lm(args.plus_model, device=device, dtype=args.dtype)
-    pi_minus = None if args.minus_model is None else load_causal_lm(args.minus_model, device=device,
-                                                                   dtype=args.dtype)
+    load = {"device": device, "dtype": args.dtype, "device_map": args.device_map}
+    pi_plus = load_causal_lm(args.plus_model, **load)
+    pi_minus = None if args.minus_model is None else load_causal_lm(args.minus_model, **load)
+    if args.device_map is not None:
+        device = None  # the batches go where pi_plus's first layer is
     result = estimate_token_weights(
         dataset, pi_plus, pi_minus, tokenizer, method=args.method,
         system_prompts=(args.good_system_prompt, args.bad_system_prompt), batch_size=args.batch_size,
@@ -116,6 +124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _device_map(value: str):
+    """`--device-map`: a strategy name or a JSON object (module name -> device)."""
+    if value.lstrip().startswith("{"):
+        return json.loads(value)
+    return value
 
 
 def _start_processes(device: str) -> tuple[int, str]:
