@@ -391,7 +391,7 @@ class TISDPOTrainer(Trainer):
         self._announced_objective = False
         self._announced_weighted: bool | None = None
         if args.precompute_ref_log_probs and needs_ref:
-            source = ref_model.to(self.accelerator.device) if ref_model is not None else model
+            source = self._precompute_source(ref_model, model)
 
             def add_ref(ds, name):
                 return self._with_ref_logps(ds, source, name)
@@ -706,6 +706,7 @@ class TISDPOTrainer(Trainer):
 
     def _ref_cache_path(self, dataset: datasets.Dataset, source: nn.Module) -> str:
         root = self.args.ref_logps_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "tisdpo", "ref_logps")
+        source = self.accelerator.unwrap_model(source)  # a ZeRO-3 engine: the model's own names and config
         # a PEFT policy serves as reference with its adapter disabled: only its frozen base weights matter
         adapter_off = is_peft_model(source)
         key = hashlib.sha256(
@@ -714,10 +715,28 @@ class TISDPOTrainer(Trainer):
         ).hexdigest()[:32]
         return os.path.join(root, f"{key}.npz")
 
+    def _zero3(self) -> bool:
+        return self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+    def _precompute_source(self, ref_model: nn.Module | None, model: nn.Module) -> nn.Module:
+        """The model that precomputes the reference log-probs: `ref_model` on the device, or the policy. Under
+        DeepSpeed ZeRO-3 (parameters partitioned when the model is loaded) `ref_model` runs as a ZeRO-3 inference
+        engine (`prepare_reference`); the policy's engine does not exist yet, so it cannot be the source."""
+        if not self._zero3():
+            return ref_model.to(self.accelerator.device) if ref_model is not None else model
+        if ref_model is None:
+            raise ValueError(
+                "precompute_ref_log_probs=True under DeepSpeed ZeRO-3 needs an explicit `ref_model` "
+                "(--ref_model_name_or_path): it runs as a ZeRO-3 inference engine; the policy's engine is built only "
+                "when training starts. Pass the reference model, or set precompute_ref_log_probs=False."
+            )
+        return prepare_reference(self.accelerator, ref_model)
+
     def _with_ref_logps(self, dataset: datasets.Dataset, source: nn.Module, name: str) -> datasets.Dataset:
         """`dataset` with per-token reference log-prob columns, from the disk cache or computed (main process
-        first; the others then read the cache)."""
-        with self.accelerator.main_process_first():
+        first; the others then read the cache). Under ZeRO-3 every forward is a collective: all processes compute
+        together and the main process writes the cache."""
+        with contextlib.nullcontext() if self._zero3() else self.accelerator.main_process_first():
             path = self._ref_cache_path(dataset, source)
             if os.path.exists(path):
                 logger.info("Reusing cached reference log-probs for the %s set: %s", name, path)
