@@ -22,6 +22,7 @@ accelerator) in tests/trainer/test_distributed.py; the `accelerate launch` paths
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 
@@ -56,9 +57,9 @@ def head_forward(head: nn.Module, fn: Callable, hidden: torch.Tensor):
     - Otherwise (DeepSpeed ZeRO-3, DDP, one process, a model dispatched with `device_map`) `head(hidden)` runs
       with the module's forward temporarily replaced by `fn`, so every hook on the head fires around it: ZeRO-3
       gathers the weight, partitions and reduces its gradient; accelerate's dispatch hook moves `hidden` to the
-      head's device and loads an offloaded weight. Only `hidden` goes through the call (floating forward inputs may be cast by an
-      engine's mixed-precision policy; the reference log-probs and token weights that `fn` closes over must
-      not be).
+      head's device and loads an offloaded weight. Only `hidden` goes through the call (floating forward inputs
+      may be cast by an engine's mixed-precision policy; the reference log-probs and token weights that `fn`
+      closes over must not be).
     """
     if _fsdp2_module(head):
         if _is_sharded(head.weight):
@@ -105,6 +106,17 @@ def full_frozen(t: torch.Tensor | None) -> torch.Tensor | None:
         with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
             return t.detach().clone()
     return t.detach()
+
+
+def gathered_parameters(params: list[torch.Tensor], modifier_rank: int | None = None):
+    """A context in which DeepSpeed ZeRO-3 parameters hold their whole values (a collective: every rank enters
+    it); with `modifier_rank`, that rank's changes are broadcast and kept on exit. A no-op for other tensors."""
+    zero3 = [p for p in params if hasattr(p, "ds_id")]
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(zero3, modifier_rank=modifier_rank)
 
 
 def layer_classes(model: nn.Module, names: list[str] | None = None) -> tuple[type, ...]:
@@ -211,5 +223,5 @@ def context_parallel_loss(loss: torch.Tensor, group) -> torch.Tensor:
     return _SumOverGroup.apply(loss, size) if size > 1 else loss
 
 
-__all__ = ["context_parallel_group", "context_parallel_loss", "deepspeed_frozen", "full_frozen", "head_forward", "layer_classes",
-           "prepare_reference", "shard_frozen"]
+__all__ = ["context_parallel_group", "context_parallel_loss", "deepspeed_frozen", "full_frozen", "gathered_parameters",
+           "head_forward", "layer_classes", "prepare_reference", "shard_frozen"]

@@ -11,7 +11,6 @@ reference precompute and the weight estimator (`tisdpo.weights`, through `token_
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 
@@ -23,7 +22,7 @@ from torch import nn
 from tisdpo_kernels import fused_linear_logprobs
 
 from .data import IGNORE_INDEX
-from .distributed import head_forward
+from .distributed import gathered_parameters, head_forward
 from .formats import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
 from .prefix import PREFIX_DOC_IDS, prefix_model_inputs
 
@@ -168,15 +167,6 @@ def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], backend: str =
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _gathered(param: torch.Tensor):
-    """A context in which a DeepSpeed ZeRO-3 parameter holds its whole value (a collective); a no-op otherwise."""
-    if not hasattr(param, "ds_id"):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
-
-
 def model_fingerprint(model: nn.Module, frozen_only: bool = False, include_config: bool = True) -> str:
     """A hash identifying a model's weights: config, parameter names, shapes, dtypes and up to 4096 evenly spaced
     values of every parameter (enough to tell checkpoints apart without hashing gigabytes). `frozen_only` hashes
@@ -189,7 +179,7 @@ def model_fingerprint(model: nn.Module, frozen_only: bool = False, include_confi
     for name, param in model.named_parameters():
         if frozen_only and param.requires_grad:
             continue
-        with _gathered(param):  # a ZeRO-3 partition: its whole value for the sample (all ranks call this)
+        with gathered_parameters([param]):  # a ZeRO-3 partition: its whole value for the sample (all ranks call this)
             flat = param.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 4096)]
             hasher.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())

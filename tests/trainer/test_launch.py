@@ -170,3 +170,26 @@ def test_context_parallel_config_is_not_launched_on_cpu():
     with open(os.path.join(REPO, "examples", "accelerate", "fsdp2_context_parallel.yaml")) as f:
         header = f.read().split("compute_environment")[0]
     assert "UNTESTED" in header and "test_context_parallel.py" in header
+
+
+SYNC = ["--sync_ref_model", "true", "--ref_model_sync_steps", "1", "--ref_model_mixup_alpha", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def single_sync(model_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("single-sync") / "run")
+    _run([sys.executable, "-m", "tisdpo", "train", "--config", RUN_YAML, "--model_name_or_path", model_dir,
+          "--output_dir", out, "--per_device_train_batch_size", "2", *COMMON, *SYNC], REPO)
+    return _result(out)
+
+
+@pytest.mark.parametrize("config", ["fsdp2.yaml", "zero3.yaml"])
+def test_sync_ref_model_under_sharding(single, single_sync, model_dir, tmp_path, config):
+    """`sync_ref_model` (TR-DPO, after every step ref <- (ref + policy) / 2) on a sharded reference: FSDP2 mixes
+    the DTensor shards, ZeRO-3 gathers each pair of parameters (a partition alone is an empty placeholder: the
+    run failed before). Step 2, which sees the synced reference, equals one process's."""
+    if config == "zero3.yaml":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is in the `deepspeed` and `test` extras")
+    # the sync changes step 2
+    assert single_sync["history"][1]["loss"] != pytest.approx(single["history"][1]["loss"], rel=1e-4)
+    assert_same_run(single_sync, _result(launch(config, model_dir, tmp_path, *SYNC)))
