@@ -536,9 +536,12 @@ class TISDPOTrainer(Trainer):
             tensors["ref_logps"] = inputs["ref_logps"].reshape(-1)
         else:
             ref_hidden, ref_head = self._ref_hidden_states(inputs)
-            # frozen: the whole (gathered) weight for this step, no hooks needed for its gradient
-            tensors.update(ref_hidden=ref_hidden.reshape(-1, ref_hidden.shape[-1]),
-                           ref_weight=full_frozen(ref_head.weight), ref_bias=full_frozen(ref_head.bias))
+            # frozen: the whole (gathered) weight for this step, no hooks needed for its gradient; in the dtype its
+            # hidden states have (FSDP2 mixed precision computes in bfloat16, the shards stay float32)
+            ref_weight, ref_bias = (None if t is None else t.to(ref_hidden.dtype)
+                                    for t in (full_frozen(ref_head.weight), full_frozen(ref_head.bias)))
+            tensors.update(ref_hidden=ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight=ref_weight,
+                           ref_bias=ref_bias)
         if "token_weights" in inputs:
             # the transform runs in the loss's compute precision (float64 for float64 models, float32 otherwise)
             compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32

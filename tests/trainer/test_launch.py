@@ -78,11 +78,11 @@ def single(model_dir, tmp_path_factory):
     return _result(out)
 
 
-def launch(config: str, model_dir: str, tmp_path, *flags: str) -> str:
+def launch(config: str, model_dir: str, tmp_path, *flags: str, mixed_precision: str = "no") -> str:
     """`accelerate launch --config_file <config, 2 CPU processes, fp32> -m tisdpo train --config run.yaml`."""
     with open(os.path.join(REPO, "examples", "accelerate", config)) as f:
         settings = yaml.safe_load(f)
-    settings.update(num_processes=2, mixed_precision="no")
+    settings.update(num_processes=2, mixed_precision=mixed_precision)
     config_file = tmp_path / config
     config_file.write_text(yaml.safe_dump(settings))
     out = str(tmp_path / "run")
@@ -193,3 +193,24 @@ def test_sync_ref_model_under_sharding(single, single_sync, model_dir, tmp_path,
     # the sync changes step 2
     assert single_sync["history"][1]["loss"] != pytest.approx(single["history"][1]["loss"], rel=1e-4)
     assert_same_run(single_sync, _result(launch(config, model_dir, tmp_path, *SYNC)))
+
+
+def test_fsdp2_mixed_precision_launch(single, model_dir, tmp_path):
+    """examples/accelerate/fsdp2.yaml as shipped, `mixed_precision: bf16` (FSDP2's policy: bfloat16 compute,
+    float32 shards; the reference too): the run (which failed before: its reference head weight stayed float32)
+    follows the float32 one-process run within bfloat16 bounds. bfloat16's eps is 7.8e-3: losses and grad_norm
+    rel 1e-2 (measured 5e-4), metrics rel 1e-2 / abs 2e-2 (log-probs are sums of ~100 tokens' values), the
+    saved float32 parameters atol 1e-2 (2 steps of lr 0.5 on bfloat16 gradients)."""
+    out = launch("fsdp2.yaml", model_dir, tmp_path, mixed_precision="bf16")
+    sharded = _result(out)
+    assert len(sharded["history"]) == STEPS
+    for a, b in zip(single["history"], sharded["history"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-2)
+        for name in a:
+            if name.startswith(("rewards/", "logps/")):
+                assert b[name] == pytest.approx(a[name], rel=1e-2, abs=2e-2), name
+    for name, value in single["params"].items():
+        assert sharded["params"][name].dtype == torch.float32
+        torch.testing.assert_close(sharded["params"][name], value, rtol=1e-2, atol=1e-2, msg=name)
+    assert_moved(sharded, model_dir)
