@@ -214,3 +214,36 @@ def test_fsdp2_mixed_precision_launch(single, model_dir, tmp_path):
         assert sharded["params"][name].dtype == torch.float32
         torch.testing.assert_close(sharded["params"][name], value, rtol=1e-2, atol=1e-2, msg=name)
     assert_moved(sharded, model_dir)
+
+
+def test_peft_under_fsdp2_launch(model_dir, tmp_path):
+    """A LoRA run (tests/trainer/peft_run.py; the CLI has no PEFT options) launched with fsdp2.yaml on 2 CPU
+    processes against one process: frozen base and trainable adapter in the same FSDP2 units, the reference the
+    base with the adapter disabled; losses, grad_norm, metrics and the saved adapter (gathered from the shards at
+    save_model) within the float32 bounds above."""
+    pytest.importorskip("peft", reason="peft is in the `peft` and `test` extras")
+    from safetensors.torch import load_file
+
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _run([sys.executable, "-m", "tests.trainer.peft_run", model_dir, one, "2"], REPO)
+    with open(os.path.join(REPO, "examples", "accelerate", "fsdp2.yaml")) as f:
+        settings = yaml.safe_load(f)
+    settings.update(num_processes=2, mixed_precision="no")
+    (tmp_path / "fsdp2.yaml").write_text(yaml.safe_dump(settings))
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    _run([accelerate, "launch", "--config_file", str(tmp_path / "fsdp2.yaml"), "--main_process_port", _free_port(),
+          "-m", "tests.trainer.peft_run", model_dir, two, "1"], REPO)
+    histories = []
+    for out in (one, two):
+        with open(os.path.join(out, "log_history.json")) as f:
+            histories.append(json.load(f))
+    adapters = [load_file(os.path.join(out, "adapter_model.safetensors")) for out in (one, two)]
+    assert len(histories[0]) == STEPS
+    for a, b in zip(*histories, strict=True):
+        for name in a:
+            if name not in ("tokens_per_second", "epoch"):
+                assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), name
+    assert set(adapters[0]) == set(adapters[1]) and any("lora_B" in k for k in adapters[0])
+    for name, value in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert max(float(v.abs().max()) for k, v in adapters[0].items() if "lora_B" in k) > 1e-3  # trained
