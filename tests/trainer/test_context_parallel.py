@@ -48,3 +48,13 @@ def test_context_parallel_loss_keeps_the_value_and_scales_the_gradient():
     y = _SumOverGroup.apply(x * 3, 4)
     y.backward()
     assert y.item() == pytest.approx(2.1) and x.grad.item() == pytest.approx(12.0)
+
+
+def test_context_parallel_refuses_prefix_sharing():
+    """Prefix sharing with the cp group is refused by name: its explicit `row_index` rows do not follow the
+    Trainer's split along the sequence."""
+    from tisdpo.trainer import _local_cu_seqlens
+
+    labels = torch.zeros(4, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match="context parallelism with prefix_sharing is not supported"):
+        _local_cu_seqlens({"labels": labels, "row_index": torch.arange(10)})
