@@ -16,8 +16,9 @@ The reference model is frozen: it is sharded by the same engine (`prepare_refere
 resharded after its forward; a ZeRO-3 inference engine) and its head weight is gathered as a plain tensor for the
 step (`full_frozen`), or its log-probs are precomputed (`precompute_ref_log_probs`).
 
-Tested on CPU with 2 gloo processes (FSDP2 `fully_shard` applied directly, DeepSpeed ZeRO-3 with its CPU
-accelerator) in tests/trainer/test_distributed.py; the `accelerate launch` paths need GPUs (see the README).
+Tested on CPU with 2 gloo processes: FSDP2 `fully_shard` applied directly and DeepSpeed ZeRO-3 with its CPU
+accelerator (tests/trainer/test_distributed.py), the cp gradient (tests/trainer/test_context_parallel.py), and the
+README's `accelerate launch` commands with the shipped configs (tests/trainer/test_launch.py).
 """
 
 from __future__ import annotations

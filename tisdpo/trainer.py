@@ -584,6 +584,9 @@ class TISDPOTrainer(Trainer):
     def _sft_loss(self, model, chosen):
         """Negative log-likelihood of the chosen responses averaged over all their tokens (TRL's 'sft'), times the
         sum of the 'sft' weights."""
+        if context_parallel_group(self.accelerator) is not None:  # each rank would average only its own tokens
+            raise ValueError("loss_type='sft' alone under context parallelism is not supported (its token mean is "
+                             "not summed over the cp group): add a preference loss type, or run without cp")
         cu = chosen["cu_seqlens"]
         pairs = cu.numel() - 1
         hidden = self._hidden_states(model, chosen, router_aux=self._aux_loss_enabled)

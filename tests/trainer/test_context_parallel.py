@@ -58,3 +58,19 @@ def test_context_parallel_refuses_prefix_sharing():
     labels = torch.zeros(4, 6, dtype=torch.long)
     with pytest.raises(ValueError, match="context parallelism with prefix_sharing is not supported"):
         _local_cu_seqlens({"labels": labels, "row_index": torch.arange(10)})
+
+
+def test_context_parallel_refuses_sft_alone(tok, quick_args, monkeypatch):
+    """`loss_type='sft'` alone is a token mean the cp group does not sum: refused by name, not a silently
+    different gradient."""
+    import tisdpo.trainer
+    from tests.trainer.tiny import tiny_llama
+    from tisdpo import TISDPOConfig, TISDPOTrainer
+    from tisdpo.data import tokenize_row
+
+    trainer = TISDPOTrainer(tiny_llama(len(tok)), args=TISDPOConfig(**quick_args, loss_type="sft"),
+                            processing_class=tok)
+    batch = trainer.data_collator([tokenize_row(r, tok) for r in sharded_run.synthetic_pairs(2)])
+    monkeypatch.setattr(tisdpo.trainer, "context_parallel_group", lambda accelerator: object())
+    with pytest.raises(ValueError, match="loss_type='sft' alone under context parallelism"):
+        trainer.compute_loss(trainer.model, batch)
