@@ -410,6 +410,7 @@ def main(mode: str, out_dir: str) -> None:
     if rank == 0:
         torch.save(results, os.path.join(out_dir, f"{mode}.pt"))
     dist.barrier()
+    dist.destroy_process_group()  # an orderly gloo shutdown before the interpreter exits
 
 
 if __name__ == "__main__":
