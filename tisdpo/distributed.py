@@ -16,12 +16,14 @@ The reference model is frozen: it is sharded by the same engine (`prepare_refere
 resharded after its forward; a ZeRO-3 inference engine) and its head weight is gathered as a plain tensor for the
 step (`full_frozen`), or its log-probs are precomputed (`precompute_ref_log_probs`).
 
-Tested on CPU with 2 gloo processes (FSDP2 `fully_shard` applied directly, DeepSpeed ZeRO-3 with its CPU
-accelerator) in tests/trainer/test_distributed.py; the `accelerate launch` paths need GPUs (see the README).
+Tested on CPU with 2 gloo processes: FSDP2 `fully_shard` applied directly and DeepSpeed ZeRO-3 with its CPU
+accelerator (tests/trainer/test_distributed.py), the cp gradient (tests/trainer/test_context_parallel.py), and the
+README's `accelerate launch` commands with the shipped configs (tests/trainer/test_launch.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 
@@ -53,11 +55,12 @@ def head_forward(head: nn.Module, fn: Callable, hidden: torch.Tensor):
       a multi-module group never completes and crashes its backward, seen with torch 2.13). If the group was
       resharded after the decoder's forward, `head.unshard()` gathers it; the group's post-backward (or the
       root's final callback) reduce-scatters the head's gradient and reshards, as for the model's own head call.
-    - Otherwise (DeepSpeed ZeRO-3, DDP, one process) `head(hidden)` runs with the module's forward temporarily
-      replaced by `fn`, so every hook on the head fires around it: ZeRO-3 gathers the weight, partitions and
-      reduces its gradient. Only `hidden` goes through the call (floating forward inputs may be cast by an
-      engine's mixed-precision policy; the reference log-probs and token weights that `fn` closes over must
-      not be).
+    - Otherwise (DeepSpeed ZeRO-3, DDP, one process, a model dispatched with `device_map`) `head(hidden)` runs
+      with the module's forward temporarily replaced by `fn`, so every hook on the head fires around it: ZeRO-3
+      gathers the weight, partitions and reduces its gradient; accelerate's dispatch hook moves `hidden` to the
+      head's device and loads an offloaded weight. Only `hidden` goes through the call (floating forward inputs
+      may be cast by an engine's mixed-precision policy; the reference log-probs and token weights that `fn`
+      closes over must not be).
     """
     if _fsdp2_module(head):
         if _is_sharded(head.weight):
@@ -75,15 +78,19 @@ def head_forward(head: nn.Module, fn: Callable, hidden: torch.Tensor):
             )
         return fn(weight, bias, rows)
 
-    previous = head.__dict__.get("forward")
-    head.forward = forward
+    # a model dispatched by accelerate (`device_map`: layers over several devices, or offloaded) has its forward
+    # wrapped by a hook that moves the inputs to the weight's device (and loads an offloaded weight): the hook's
+    # wrapper calls `_old_forward`, which is the one to replace then
+    name = "_old_forward" if hasattr(head, "_hf_hook") and "_old_forward" in head.__dict__ else "forward"
+    previous = head.__dict__.get(name)
+    setattr(head, name, forward)
     try:
         return head(hidden)
     finally:
         if previous is None:
-            del head.forward
+            delattr(head, name)
         else:
-            head.forward = previous
+            setattr(head, name, previous)
 
 
 def full_frozen(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -100,6 +107,17 @@ def full_frozen(t: torch.Tensor | None) -> torch.Tensor | None:
         with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
             return t.detach().clone()
     return t.detach()
+
+
+def gathered_parameters(params: list[torch.Tensor], modifier_rank: int | None = None):
+    """A context in which DeepSpeed ZeRO-3 parameters hold their whole values (a collective: every rank enters
+    it); with `modifier_rank`, that rank's changes are broadcast and kept on exit. A no-op for other tensors."""
+    zero3 = [p for p in params if hasattr(p, "ds_id")]
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(zero3, modifier_rank=modifier_rank)
 
 
 def layer_classes(model: nn.Module, names: list[str] | None = None) -> tuple[type, ...]:
@@ -179,5 +197,32 @@ def context_parallel_group(accelerator):
     return accelerator.torch_device_mesh["cp"].get_group()
 
 
-__all__ = ["context_parallel_group", "deepspeed_frozen", "full_frozen", "head_forward", "layer_classes",
-           "prepare_reference", "shard_frozen"]
+class _SumOverGroup(torch.autograd.Function):
+    """Identity forward; backward times `factor` (the context-parallel group's size)."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, factor: int) -> torch.Tensor:
+        ctx.factor = factor
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def context_parallel_loss(loss: torch.Tensor, group) -> torch.Tensor:
+    """`loss` (a scalar, the global loss every rank of the context-parallel `group` returns) with its value
+    unchanged and its gradient multiplied by the group's size.
+
+    Each rank's parameters get only their rows' share of the gradient, and the shares must be summed over the
+    group; FSDP2 under accelerate's parallelism config averages gradients over the flattened data x context mesh,
+    which divides by `cp` once too often (`docs/design.md §5`). The factor puts it back, so gradients, `grad_norm`
+    and clipping equal one process's on the same pairs."""
+    import torch.distributed as dist
+
+    size = dist.get_world_size(group)
+    return _SumOverGroup.apply(loss, size) if size > 1 else loss
+
+
+__all__ = ["context_parallel_group", "context_parallel_loss", "deepspeed_frozen", "full_frozen", "gathered_parameters",
+           "head_forward", "layer_classes", "prepare_reference", "shard_frozen"]

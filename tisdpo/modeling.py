@@ -22,7 +22,7 @@ from torch import nn
 from tisdpo_kernels import fused_linear_logprobs
 
 from .data import IGNORE_INDEX
-from .distributed import head_forward
+from .distributed import gathered_parameters, head_forward
 from .formats import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
 from .prefix import PREFIX_DOC_IDS, prefix_model_inputs
 
@@ -179,10 +179,11 @@ def model_fingerprint(model: nn.Module, frozen_only: bool = False, include_confi
     for name, param in model.named_parameters():
         if frozen_only and param.requires_grad:
             continue
-        flat = param.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)]
-        hasher.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
-        hasher.update(sample.float().cpu().numpy().tobytes())
+        with gathered_parameters([param]):  # a ZeRO-3 partition: its whole value for the sample (all ranks call this)
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)]
+            hasher.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+            hasher.update(sample.float().cpu().numpy().tobytes())
     return hasher.hexdigest()
 
 
@@ -198,9 +199,11 @@ def dataset_fingerprint(dataset) -> str:
     return hasher.hexdigest()
 
 
-def load_causal_lm(name_or_path: str, *, device: str, dtype: str | None = None):
+def load_causal_lm(name_or_path: str, *, device: str, dtype: str | None = None, device_map=None):
     """``AutoModelForCausalLM.from_pretrained`` in eval mode on ``device``; ``dtype`` default: bfloat16
-    on a CUDA device that supports it, float32 otherwise."""
+    on a CUDA device that supports it, float32 otherwise. ``device_map`` (``"auto"``, ``"balanced"``,
+    ``"sequential"`` or a dict, transformers' meaning): the layers spread over the visible devices instead (a
+    model too large for one GPU); ``device`` then only picks the default dtype."""
     from transformers import AutoModelForCausalLM
 
     if dtype is None:
@@ -210,4 +213,6 @@ def load_causal_lm(name_or_path: str, *, device: str, dtype: str | None = None):
         resolved = getattr(torch, dtype, None)
         if not isinstance(resolved, torch.dtype):
             raise ValueError(f"dtype must name a torch dtype (e.g. bfloat16), got {dtype!r}")
+    if device_map is not None:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolved, device_map=device_map).eval()
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolved).to(device).eval()

@@ -45,7 +45,7 @@ from tisdpo_kernels.transforms import apply_weight_transform
 
 from .config import TISDPOConfig
 from .data import IGNORE_INDEX, PreferenceCollator, prepare_preference_dataset, split_responses
-from .distributed import context_parallel_group, full_frozen, head_forward, prepare_reference
+from .distributed import context_parallel_group, context_parallel_loss, full_frozen, head_forward, prepare_reference
 from .formats import (
     CHOSEN_IDS,
     CHOSEN_WEIGHTS,
@@ -391,7 +391,7 @@ class TISDPOTrainer(Trainer):
         self._announced_objective = False
         self._announced_weighted: bool | None = None
         if args.precompute_ref_log_probs and needs_ref:
-            source = ref_model.to(self.accelerator.device) if ref_model is not None else model
+            source = self._precompute_source(ref_model, model)
 
             def add_ref(ds, name):
                 return self._with_ref_logps(ds, source, name)
@@ -536,9 +536,12 @@ class TISDPOTrainer(Trainer):
             tensors["ref_logps"] = inputs["ref_logps"].reshape(-1)
         else:
             ref_hidden, ref_head = self._ref_hidden_states(inputs)
-            # frozen: the whole (gathered) weight for this step, no hooks needed for its gradient
-            tensors.update(ref_hidden=ref_hidden.reshape(-1, ref_hidden.shape[-1]),
-                           ref_weight=full_frozen(ref_head.weight), ref_bias=full_frozen(ref_head.bias))
+            # frozen: the whole (gathered) weight for this step, no hooks needed for its gradient; in the dtype its
+            # hidden states have (FSDP2 mixed precision computes in bfloat16, the shards stay float32)
+            ref_weight, ref_bias = (None if t is None else t.to(ref_hidden.dtype)
+                                    for t in (full_frozen(ref_head.weight), full_frozen(ref_head.bias)))
+            tensors.update(ref_hidden=ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight=ref_weight,
+                           ref_bias=ref_bias)
         if "token_weights" in inputs:
             # the transform runs in the loss's compute precision (float64 for float64 models, float32 otherwise)
             compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -573,11 +576,17 @@ class TISDPOTrainer(Trainer):
                 **tensors,
             )
 
-        return head_forward(head, loss, hidden.reshape(-1, dim))
+        value, metrics = head_forward(head, loss, hidden.reshape(-1, dim))
+        if group is not None:  # the ranks' gradient shares are summed over the group, not averaged
+            value = context_parallel_loss(value, group)
+        return value, metrics
 
     def _sft_loss(self, model, chosen):
         """Negative log-likelihood of the chosen responses averaged over all their tokens (TRL's 'sft'), times the
         sum of the 'sft' weights."""
+        if context_parallel_group(self.accelerator) is not None:  # each rank would average only its own tokens
+            raise ValueError("loss_type='sft' alone under context parallelism is not supported (its token mean is "
+                             "not summed over the cp group): add a preference loss type, or run without cp")
         cu = chosen["cu_seqlens"]
         pairs = cu.numel() - 1
         hidden = self._hidden_states(model, chosen, router_aux=self._aux_loss_enabled)
@@ -656,10 +665,27 @@ class TISDPOTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """`Trainer.save_model`, plus a model card `README.md` (tags, objective, citations) in `output_dir`."""
-        super().save_model(output_dir, _internal_call)
+        """`Trainer.save_model`, plus a model card `README.md` (tags, objective, citations) in `output_dir`. Under
+        FSDP with a sharded state dict type, a save asked for by the user (not a checkpoint's) writes the whole
+        model too (`_save_gathered_fsdp_model`)."""
+        if not _internal_call and self._fsdp_saves_no_full_model():
+            self._save_gathered_fsdp_model(output_dir or self.args.output_dir)
+        else:
+            super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             self.create_model_card_file(output_dir or self.args.output_dir)
+
+    def _fsdp_saves_no_full_model(self) -> bool:
+        """FSDP with `SHARDED_STATE_DICT` (the shipped config's), where `Trainer.save_model` writes no weights."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        return plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
+
+    def _save_gathered_fsdp_model(self, output_dir: str) -> None:
+        """The whole model, gathered from its FSDP shards (`accelerator.get_state_dict`: a collective, every rank
+        calls it; the full tensors land on the CPU of the main process), written by the main process with
+        `save_pretrained` so that `from_pretrained(output_dir)` loads it. Checkpoints stay sharded."""
+        state_dict = self.accelerator.get_state_dict(self.model)
+        self._save(output_dir, state_dict=state_dict)
 
     def _save_checkpoint(self, model, trial):
         if self.args.should_save:  # as TRL: the run's output_dir holds the card of the latest checkpoint
@@ -686,6 +712,7 @@ class TISDPOTrainer(Trainer):
 
     def _ref_cache_path(self, dataset: datasets.Dataset, source: nn.Module) -> str:
         root = self.args.ref_logps_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "tisdpo", "ref_logps")
+        source = self.accelerator.unwrap_model(source)  # a ZeRO-3 engine: the model's own names and config
         # a PEFT policy serves as reference with its adapter disabled: only its frozen base weights matter
         adapter_off = is_peft_model(source)
         key = hashlib.sha256(
@@ -694,10 +721,28 @@ class TISDPOTrainer(Trainer):
         ).hexdigest()[:32]
         return os.path.join(root, f"{key}.npz")
 
+    def _zero3(self) -> bool:
+        return self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+    def _precompute_source(self, ref_model: nn.Module | None, model: nn.Module) -> nn.Module:
+        """The model that precomputes the reference log-probs: `ref_model` on the device, or the policy. Under
+        DeepSpeed ZeRO-3 (parameters partitioned when the model is loaded) `ref_model` runs as a ZeRO-3 inference
+        engine (`prepare_reference`); the policy's engine does not exist yet, so it cannot be the source."""
+        if not self._zero3():
+            return ref_model.to(self.accelerator.device) if ref_model is not None else model
+        if ref_model is None:
+            raise ValueError(
+                "precompute_ref_log_probs=True under DeepSpeed ZeRO-3 needs an explicit `ref_model` "
+                "(--ref_model_name_or_path): it runs as a ZeRO-3 inference engine; the policy's engine is built only "
+                "when training starts. Pass the reference model, or set precompute_ref_log_probs=False."
+            )
+        return prepare_reference(self.accelerator, ref_model)
+
     def _with_ref_logps(self, dataset: datasets.Dataset, source: nn.Module, name: str) -> datasets.Dataset:
         """`dataset` with per-token reference log-prob columns, from the disk cache or computed (main process
-        first; the others then read the cache)."""
-        with self.accelerator.main_process_first():
+        first; the others then read the cache). Under ZeRO-3 every forward is a collective: all processes compute
+        together and the main process writes the cache."""
+        with contextlib.nullcontext() if self._zero3() else self.accelerator.main_process_first():
             path = self._ref_cache_path(dataset, source)
             if os.path.exists(path):
                 logger.info("Reusing cached reference log-probs for the %s set: %s", name, path)

@@ -18,6 +18,7 @@ import torch
 from transformers import TrainerCallback
 
 from .data import IGNORE_INDEX
+from .distributed import gathered_parameters
 from .formats import TRL_TOKENIZED_COLUMNS
 
 
@@ -85,7 +86,10 @@ class SyncRefModelCallback(TrainerCallback):
             return
         policy = dict(self.policy().named_parameters())
         for name, ref_param in self.ref().named_parameters():
-            ref_param.mul_(1.0 - self.alpha).add_(policy[name].detach().to(ref_param.dtype), alpha=self.alpha)
+            # FSDP2: both are DTensors sharded alike, mixed shard by shard; ZeRO-3: both gathered, every rank
+            # computes the same mix, rank 0's is kept (a partition alone is an empty placeholder)
+            with gathered_parameters([policy[name]]), gathered_parameters([ref_param], modifier_rank=0):
+                ref_param.mul_(1.0 - self.alpha).add_(policy[name].detach().to(ref_param.dtype), alpha=self.alpha)
 
 
 __all__ = ["SyncRefModelCallback", "TRLFeatureAliases", "check_syncable", "normalize_batch"]

@@ -24,6 +24,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .config import TISDPOConfig
@@ -254,6 +255,39 @@ def _compute_shard(estimator: _Estimator, dataset, lo: int, hi: int, batch_size:
     _write_shard(path, batches(), identity)
 
 
+def _processes() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised ``torch.distributed`` default group; ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast_from_rank0(value):
+    """Rank 0's ``value`` (a picklable object) on every rank of the default group."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _shards_to_compute(bounds, paths, identities, run_dir: str, n: int) -> list[int]:
+    """Indices of the shards the cache lacks (missing, or not reusable: logged with the reason)."""
+    todo = []
+    for i, ((lo, hi), path, identity) in enumerate(zip(bounds, paths, identities, strict=True)):
+        reason = _shard_mismatch(path, identity)
+        if reason is None:
+            continue
+        if reason != "missing":
+            logger.warning("token weights: recomputing %s (rows %d-%d): %s", path, lo, hi - 1, reason)
+        todo.append(i)
+    if todo:
+        logger.info("token weights: computing %d of %d shards (%d of %d pairs) into the cache %s", len(todo),
+                    len(bounds), sum(bounds[i][1] - bounds[i][0] for i in todo), n, run_dir)
+    else:
+        logger.info("token weights: reused the cache %s (all %d shards, %d pairs); no model call", run_dir,
+                    len(bounds), n)
+    return todo
+
+
 def estimate_token_weights(
     dataset,
     pi_plus,
@@ -313,6 +347,13 @@ def estimate_token_weights(
     interrupted run resumes where it stopped and a finished one costs no model call (logged with the cache
     location); the result is identical to an uninterrupted run. Memory: one batch of per-token results at
     a time (each batch is streamed into its shard file).
+
+    Several processes (``torch.distributed`` initialised with more than one rank, as ``tisdpo estimate-weights``
+    does under ``torchrun`` / ``accelerate launch``): rank 0 checks the cache and names the shards to compute,
+    the ranks take disjoint ones (every ``world_size``-th of that list), each writes its own shard files, and
+    after a barrier rank 0 assembles the result (then the other ranks read it too). The shards, and so the
+    output, are byte-identical to one process's; a rerun after a rank died reuses every finished shard. The
+    group's timeout must exceed one rank's share of the work (the command line's is a week).
 
     Args:
         dataset: ``datasets.Dataset`` in a preference format ``tisdpo.data`` accepts.
@@ -395,30 +436,29 @@ def estimate_token_weights(
     bounds = [(lo, min(lo + shard_size, n)) for lo in range(0, n, shard_size)]
     paths = [os.path.join(run_dir, f"shard-{i:05d}.parquet") for i in range(len(bounds))]
     identities = [_shard_identity(key, lo, hi, _rows_fingerprint(dataset, lo, hi)) for lo, hi in bounds]
-    todo = []
-    for (lo, hi), path, identity in zip(bounds, paths, identities, strict=True):
-        reason = _shard_mismatch(path, identity)
-        if reason is None:
-            continue
-        if reason != "missing":
-            logger.warning("token weights: recomputing %s (rows %d-%d): %s", path, lo, hi - 1, reason)
-        todo.append(((lo, hi), path, identity))
-    if todo:
-        logger.info("token weights: computing %d of %d shards (%d of %d pairs) into the cache %s", len(todo),
-                    len(bounds), sum(hi - lo for (lo, hi), _, _ in todo), n, run_dir)
-    else:
-        logger.info("token weights: reused the cache %s (all %d shards, %d pairs); no model call", run_dir,
-                    len(bounds), n)
+    rank, world = _processes()
+    todo = _shards_to_compute(bounds, paths, identities, run_dir, n) if rank == 0 else None
+    if world > 1:
+        todo = _broadcast_from_rank0(todo)
+    mine = [(bounds[i], paths[i], identities[i]) for i in todo[rank::world]]
     estimator = _Estimator(pi_plus, pi_minus, tokenizer, method, tuple(system_prompts), backend, device,
                            padding_free, truncation, prefix_sharing)
-    done = n - sum(hi - lo for (lo, hi), _, _ in todo)
-    with tqdm(total=n, initial=done, desc=f"token weights ({method})", unit="pair", disable=not progress) as pbar:
-        for (lo, hi), path, identity in todo:
+    share = sum(hi - lo for (lo, hi), _, _ in mine)
+    total, initial = (n, n - share) if world == 1 else (share, 0)  # several processes: rank 0's share
+    with tqdm(total=total, initial=initial, desc=f"token weights ({method})", unit="pair",
+              disable=not progress or rank != 0) as pbar:
+        for (lo, hi), path, identity in mine:
             _compute_shard(estimator, dataset, lo, hi, batch_size, path, identity, pbar)
 
+    if world > 1:
+        dist.barrier()  # every shard is written
+        if rank != 0:
+            dist.barrier()  # rank 0 has built the arrow cache of the result: read it
     weights = datasets.Dataset.from_parquet(paths, cache_dir=os.path.join(run_dir, "arrow"))
+    if world > 1 and rank == 0:
+        dist.barrier()
     dropped = weights.data.column("chosen_weights").null_count
-    if dropped:
+    if dropped and rank == 0:
         logger.warning("token weights: %d of %d pairs have no weights (None): their prompt or a response is empty "
                        "after truncation (%s), so the trainer drops them too", dropped, n,
                        ", ".join(f"{k}={v}" for k, v in truncation.items()))

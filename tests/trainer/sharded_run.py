@@ -1,5 +1,5 @@
 """Sharded training steps for the multi-process tests:
-`torchrun --nproc_per_node 2 -m tests.trainer.sharded_run {fsdp2|zero3} OUT`.
+`torchrun --nproc_per_node 2 -m tests.trainer.sharded_run {fsdp2|cp|zero3} OUT`.
 
 Each rank takes its half of every global batch and runs the trainer's own loss path (`TISDPOTrainer.compute_loss`)
 on a policy sharded by the engine: FSDP2 `fully_shard` applied as accelerate's FSDP2 plugin does (each decoder
@@ -261,6 +261,103 @@ def group_case(rank: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# context parallelism, emulated: the trainer's loss with the cp group + FSDP2 over the same ranks
+# --------------------------------------------------------------------------------------------------------------
+
+# name: (tied embeddings, kl). Padded batches (context parallelism refuses packed ones), no weight columns (the
+# Trainer does not split them along the sequence).
+CP_CASES = {"untied-dpo": (False, None), "tied-tisdpo-kl": (True, "tisdpo")}
+CP_STEPS = 2
+# step 1 clips to this norm: between half and all of the one-process gradient's norm (measured 3.1 and 3.3), so a
+# run whose gradient is 0.5x (1.5, 1.7) is not clipped and steps differently from one process
+CP_MAX_NORM = 2.5
+
+
+def cp_trainer(tok, case: str, tmp: str):
+    tied, kl = CP_CASES[case]
+    overrides = {"tie_word_embeddings": True} if tied else {}
+    args = TISDPOConfig(
+        output_dir=os.path.join(tmp, f"cp-{case}"), use_cpu=True, report_to="none", disable_tqdm=True,
+        save_strategy="no", ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        **no_checkpointing(), seed=0, padding_free=False, pad_to_multiple_of=2, kl=kl, beta=0.3,
+    )
+    policy, ref = tiny_llama(len(tok), seed=0, **overrides), tiny_llama(len(tok), seed=1, **overrides)
+    return TISDPOTrainer(policy, ref_model=ref, args=args, processing_class=tok), ref
+
+
+def cp_batches(trainer, tok) -> list[dict]:
+    """Per step, the whole global batch (PAIRS pairs, padded to an even width); every cp rank holds all of it."""
+    rows = [tokenize_row(r, tok) for r in synthetic_pairs(PAIRS * CP_STEPS)]
+    return [trainer.data_collator(rows[s * PAIRS:(s + 1) * PAIRS]) for s in range(CP_STEPS)]
+
+
+def cp_slice(batch: dict, rank: int, world: int) -> dict:
+    """This rank's contiguous slice of every sequence, as the Trainer's context-parallel split gives it:
+    input_ids, attention_mask and labels along the sequence dimension; cu_seqlens as collated."""
+    width = batch["labels"].shape[1] // world
+    out = dict(batch)
+    for key in ("input_ids", "attention_mask", "labels"):
+        out[key] = batch[key][:, rank * width:(rank + 1) * width]
+    return out
+
+
+def emulate_cp_attention(trainer, group) -> None:
+    """The attention side of context parallelism, emulated: each rank gathers the token ids of the whole
+    sequences from the group, runs the (FSDP2-sharded) decoder on them and keeps the hidden rows of its own
+    slice. Like ring attention, a rank's rows see the whole prefix, and the parameters' gradient on a rank is its
+    rows' share of the full gradient."""
+    own = trainer._hidden_states
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+
+    def hidden_states(model, inputs, router_aux=False):
+        whole = dict(inputs)
+        for key in ("input_ids", "attention_mask"):
+            parts = [torch.empty_like(inputs[key]) for _ in range(world)]
+            dist.all_gather(parts, inputs[key].contiguous(), group=group)
+            whole[key] = torch.cat(parts, dim=1)
+        width = inputs["input_ids"].shape[1]
+        return own(model, whole, router_aux)[:, rank * width:(rank + 1) * width]
+
+    trainer._hidden_states = hidden_states
+
+
+def cp_train(trainer, model, batches_: list[dict], world: int) -> dict:
+    """CP_STEPS SGD steps (step 1 clipped to CP_MAX_NORM): per step the loss, the full gradient and its norm."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    history = []
+    for k, batch in enumerate(batches_):
+        out = step(trainer, model, batch, 1)  # every cp rank returns the global loss: no average over ranks
+        out.pop("local_loss").backward()
+        grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+                 for name, p in model.named_parameters()}
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CP_MAX_NORM if k == 0 else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        opt.step()
+        opt.zero_grad()
+        history.append(dict(out, grads=grads, grad_norm=float(norm)))
+    return {"history": history, "params": full_parameters(model)}
+
+
+def cp_single(case: str, tmp: str) -> dict:
+    """One process, whole sequences, no group: the truth of the context-parallel run."""
+    tok = build_tokenizer()
+    trainer, _ = cp_trainer(tok, case, tmp)
+    return cp_train(trainer, trainer.model, cp_batches(trainer, tok), 1)
+
+
+def cp_case(tok, case: str, tmp: str, rank: int, world: int) -> dict:
+    """FSDP2 over all ranks (dp 1 x cp world), the trainer's loss given the group of all ranks as its cp group."""
+    import tisdpo.trainer
+
+    trainer, ref = cp_trainer(tok, case, tmp)
+    model = shard_like_accelerate(trainer.model, False)
+    trainer.ref_model = shard_frozen(ref, layer_classes(ref))
+    tisdpo.trainer.context_parallel_group = lambda accelerator: dist.group.WORLD
+    emulate_cp_attention(trainer, dist.group.WORLD)
+    return cp_train(trainer, model, [cp_slice(b, rank, world) for b in cp_batches(trainer, tok)], world)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # DeepSpeed ZeRO-3
 # --------------------------------------------------------------------------------------------------------------
 
@@ -302,14 +399,18 @@ def main(mode: str, out_dir: str) -> None:
             results[case] = fsdp2_case(tok, case, out_dir, rank, world)
         results["resume"] = fsdp2_resume(tok, out_dir, rank, world)
         results["group"] = group_case(rank)
+    elif mode == "cp":
+        for case in CP_CASES:
+            results[case] = cp_case(tok, case, out_dir, rank, world)
     elif mode == "zero3":
         for case in ZERO3_CASES:
             results[case] = zero3_case(tok, case, out_dir, rank, world)
     else:
-        raise ValueError(f"mode must be fsdp2 or zero3, got {mode!r}")
+        raise ValueError(f"mode must be fsdp2, cp or zero3, got {mode!r}")
     if rank == 0:
         torch.save(results, os.path.join(out_dir, f"{mode}.pt"))
     dist.barrier()
+    dist.destroy_process_group()  # an orderly gloo shutdown before the interpreter exits
 
 
 if __name__ == "__main__":

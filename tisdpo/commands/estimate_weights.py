@@ -1,15 +1,22 @@
 """`tisdpo estimate-weights`: per-token rewards of a preference dataset written as weight columns
 (`tisdpo.weights.estimate_token_weights`), optionally turned into final weights
-(`tisdpo.response_weights.transform_token_weights`)."""
+(`tisdpo.response_weights.transform_token_weights`).
+
+Under `torchrun --nproc_per_node N -m tisdpo estimate-weights ...` (or `accelerate launch -m tisdpo ...`) every
+process loads the models on its own GPU and computes its share of the shards; rank 0 writes the output, identical
+to one process's."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
+import os
 from collections.abc import Sequence
 
 import torch
+import torch.distributed
 
 from ..data import load_preference_dataset, save_dataset
 from ..formats import TOKENIZATION_MODES, TRUNCATION_MODES
@@ -72,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=1024)
     parser.add_argument("--cache-dir", default=None, help="shard cache (default ~/.cache/tisdpo/token_weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device-map", type=_device_map, default=None,
+                        help="spread each model over the visible GPUs (and CPU) for models too large for one GPU: "
+                        "transformers' device_map (auto, balanced, sequential or a JSON object); one process, "
+                        "replaces --device")
     parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on CUDA, else float32)")
     parser.add_argument("--no-progress", action="store_true")
     args = parse_with_yaml(parser, argv)
@@ -83,23 +94,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.eos_weight is not None and args.transform is None:
         parser.error("--eos-weight needs --transform")
 
+    if args.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parser.error("--device-map spreads one process's models over the GPUs: run it without torchrun")
+    rank, device = _start_processes(args.device)
     dataset = load_preference_dataset(args.dataset, split=args.split)
     if args.max_samples is not None:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.plus_model)
-    pi_plus = load_causal_lm(args.plus_model, device=args.device, dtype=args.dtype)
-    pi_minus = None if args.minus_model is None else load_causal_lm(args.minus_model, device=args.device,
-                                                                   dtype=args.dtype)
+    load = {"device": device, "dtype": args.dtype, "device_map": args.device_map}
+    pi_plus = load_causal_lm(args.plus_model, **load)
+    pi_minus = None if args.minus_model is None else load_causal_lm(args.minus_model, **load)
+    if args.device_map is not None:
+        device = None  # the batches go where pi_plus's first layer is
     result = estimate_token_weights(
         dataset, pi_plus, pi_minus, tokenizer, method=args.method,
         system_prompts=(args.good_system_prompt, args.bad_system_prompt), batch_size=args.batch_size,
-        shard_size=args.shard_size, cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress,
+        shard_size=args.shard_size, cache_dir=args.cache_dir, device=device, progress=not args.no_progress,
         padding_free=auto_bool(args.padding_free),
         prefix_sharing=auto_bool(args.prefix_sharing),
         tokenization=args.tokenization,
         **{name: getattr(args, name) for name in TRUNCATION_OPTIONS},
     )
-    if args.transform is not None:
-        result = transform_token_weights(result, args.transform, args.transform_kwargs, eos_weight=args.eos_weight)
-    print(save_dataset(result, args.output))
+    if rank == 0:  # several processes: rank 0 writes the output
+        if args.transform is not None:
+            result = transform_token_weights(result, args.transform, args.transform_kwargs,
+                                             eos_weight=args.eos_weight)
+        print(save_dataset(result, args.output))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
+
+
+def _device_map(value: str):
+    """`--device-map`: a strategy name or a JSON object (module name -> device)."""
+    if value.lstrip().startswith("{"):
+        return json.loads(value)
+    return value
+
+
+def _start_processes(device: str) -> tuple[int, str]:
+    """Under `torchrun` / `accelerate launch` (WORLD_SIZE > 1 in the environment): a gloo process group (the
+    ranks exchange only the shard list and barriers; a week's timeout, as one rank's share may take hours) and
+    this rank's GPU (`cuda` -> `cuda:LOCAL_RANK`). Returns (rank, device); (0, device) for one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, device
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return torch.distributed.get_rank(), device
