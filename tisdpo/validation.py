@@ -212,6 +212,18 @@ def check_model_path(value: str | None, option: str) -> None:
         raise InputError(f"{option}: no such directory: {value!r}")
 
 
+def check_output_dir(value: str, option: str = "--output_dir") -> None:
+    """The output directory must be a directory (or not exist yet, under a directory) that this process can write."""
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise InputError(f"{option}: {value!r} is a file, not a directory")
+    existing = value
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing.rstrip(os.sep)) or "."
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is" if existing == value else f"cannot be created: {existing!r} is"
+        raise InputError(f"{option}: {value!r} {what} not writable")
+
+
 def check_data_source(value: str, option: str) -> None:
     """A data source that looks like a local path (a data-file extension, `./`, `/`, ...) must exist; a
     local data file must not be empty."""
@@ -226,23 +238,6 @@ def check_data_source(value: str, option: str) -> None:
 def _has_content(path: str) -> bool:
     with open(path, "rb") as f:
         return bool(f.read(1 << 16).strip())
-
-
-def resolve_resume_from_checkpoint(value: str | bool | None, output_dir: str) -> str | bool | None:
-    """`--resume_from_checkpoint`: `true` means the last `checkpoint-*` directory in `output_dir` (as
-    transformers does for `True`), `false` means none; a path must exist."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if value is None or value is False or (isinstance(value, str) and value.lower() in ("false", "none", "null")):
-        return None
-    if value is True or (isinstance(value, str) and value.lower() == "true"):
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is None:
-            raise InputError(f"--resume_from_checkpoint true: no checkpoint-* directory in output_dir {output_dir!r}")
-        return last
-    if not os.path.isdir(value):
-        raise InputError(f"--resume_from_checkpoint: no such checkpoint directory: {value!r}")
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,22 +1,21 @@
 """`tisdpo train --config run.yaml [--field value ...]`: one `TISDPOTrainer` run.
 
 Everything the user names (models, tokenizer, data, checkpoint to resume from) is checked before any model is
-loaded; a problem is an `InputError` (`tisdpo: error: ...`, exit status 2).
+loaded; a problem is an `InputError` (`tisdpo: error: ...`, exit status 2). The run holds `output_dir`'s lock
+(`tisdpo.run_safety`: one writer per output_dir); SIGTERM / SIGINT save a checkpoint at the next step boundary and
+exit 0 with the command to resume.
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
 
 from ..data import load_preference_dataset
+from ..run_safety import RESUME_HINT, output_dir_lock, resolve_resume_from_checkpoint
 from ..trainer import TISDPOTrainer
-from ..validation import (
-    InputError,
-    check_data_source,
-    check_model_path,
-    check_preference_data,
-    resolve_resume_from_checkpoint,
-)
+from ..validation import InputError, check_data_source, check_model_path, check_output_dir, check_preference_data
 from .arguments import parse_train_args
 
 logger = logging.getLogger(__name__)
@@ -30,6 +29,12 @@ def main(argv: list[str]) -> int:
     for option in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path"):
         check_model_path(getattr(train_args, option), f"--{option}")
     check_data_source(train_args.dataset_name, "--dataset_name")
+    check_output_dir(config.output_dir)
+    with output_dir_lock(config.output_dir):
+        return _train(train_args, config, argv)
+
+
+def _train(train_args, config, argv: list[str]) -> int:
     resume = resolve_resume_from_checkpoint(config.resume_from_checkpoint, config.output_dir)
     load_kwargs = {"name": train_args.dataset_config} if train_args.dataset_config else {}
     train_set = load_preference_dataset(train_args.dataset_name, split=train_args.dataset_train_split, **load_kwargs)
@@ -59,8 +64,27 @@ def main(argv: list[str]) -> int:
     if resume is not None:
         logger.info("Resuming from %s.", resume)
     trainer.train(resume_from_checkpoint=resume)
+    if trainer.preemption.signal_name is not None:
+        print(f"tisdpo: stopped by {trainer.preemption.signal_name} after step {trainer.state.global_step}; "
+              f"checkpoint saved in {config.output_dir}. Resume with: tisdpo train {_resume_command(argv)}",
+              file=sys.stderr)
+        return 0
     trainer.save_model(config.output_dir)
     trainer.save_state()
     if eval_set is not None:
         trainer.evaluate()
     return 0
+
+
+def _resume_command(argv: list[str]) -> str:
+    """`argv` with its `--resume_from_checkpoint` value replaced by `true`."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--resume_from_checkpoint="):
+            skip = False
+            continue
+        if arg == "--resume_from_checkpoint":
+            skip = True
+            continue
+        kept.append(shlex.quote(arg))
+    return " ".join([*kept, RESUME_HINT])
