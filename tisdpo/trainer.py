@@ -72,7 +72,7 @@ from .modeling import (
 )
 from .offload import offload_activations
 from .prefix import PrefixSharedCollator, check_attention
-from .response_weights import PER_RESPONSE_TRANSFORMS, transform_token_weights
+from .response_weights import PER_RESPONSE_TRANSFORMS, transform_token_weights, warn_if_weightless
 from .run_safety import PreemptionCallback, save_complete_checkpoint
 from .trl_compat import SyncRefModelCallback, TRLFeatureAliases, check_syncable, normalize_batch
 
@@ -175,6 +175,7 @@ def _tokenize(dataset: datasets.Dataset, name: str, tokenizer, args: TISDPOConfi
     if args.weight_transform in PER_RESPONSE_TRANSFORMS and CHOSEN_WEIGHTS in tokenized.column_names:
         tokenized = transform_token_weights(tokenized, args.weight_transform, args.weight_transform_kwargs,
                                             num_proc=args.dataset_num_proc)
+    warn_if_weightless(tokenized, name, args.weight_transform, args.weight_transform_kwargs)
     return tokenized
 
 

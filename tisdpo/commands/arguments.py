@@ -7,12 +7,19 @@ Bad input is an `InputError` naming the file, the line and the field, or an argp
 from __future__ import annotations
 
 import argparse
+import sys
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 from ..config import TISDPOConfig
-from ..validation import accept_none_strings, check_option_values, load_yaml_mapping, unknown_option_message
+from ..validation import (
+    accept_none_strings,
+    check_option_values,
+    config_path_of,
+    load_yaml_mapping,
+    unknown_option_message,
+)
 
 
 @dataclass
@@ -80,12 +87,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainArguments, TISDPOConfig]:
     a value of the wrong type or a setting the config rejects is a usage error (exit status 2); a problem in the
     YAML file an ``InputError``. ``None`` (or ``none``, ``null``) sets an optional field to None."""
     parser, hints = _train_parser()
-    config_path = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            parser.error("--config needs a file name")
-        config_path, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
+    config_path, argv = config_path_of(argv)
     if config_path is not None:
         apply_yaml_defaults(parser, config_path, _train_fields(), hints)
     _, unknown = parser.parse_known_args(argv)
@@ -104,11 +106,9 @@ def parse_with_yaml(parser: argparse.ArgumentParser, argv: Sequence[str] | None)
     supplies defaults that flags on the command line override. The file may be the one ``tisdpo train``
     reads: fields of ``TrainArguments`` / ``TISDPOConfig`` are accepted (those this command shares, such as
     ``max_length`` or ``padding_free``, are used; the others are ignored); any other key is an error."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-    if known.config is not None:
-        apply_yaml_defaults(parser, known.config, {a.dest for a in parser._actions} | _train_fields())
+    config_path, rest = config_path_of(list(sys.argv[1:] if argv is None else argv))
+    if config_path is not None:
+        apply_yaml_defaults(parser, config_path, {a.dest for a in parser._actions} | _train_fields())
     args = parser.parse_args(rest)
     ours = {a.dest for a in parser._actions}
     return argparse.Namespace(**{k: v for k, v in vars(args).items() if k in ours})

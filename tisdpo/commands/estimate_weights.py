@@ -15,6 +15,7 @@ from ..data import load_preference_dataset, save_dataset
 from ..formats import TOKENIZATION_MODES, TRUNCATION_MODES
 from ..modeling import load_causal_lm
 from ..response_weights import WEIGHT_TRANSFORMS, transform_token_weights
+from ..validation import check_data_source, check_model_path
 from ..weights import (
     DEFAULT_SYSTEM_PROMPTS,
     METHODS,
@@ -83,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.eos_weight is not None and args.transform is None:
         parser.error("--eos-weight needs --transform")
 
+    for value, option, kind in ((args.plus_model, "--plus-model", "model"), (args.minus_model, "--minus-model", "model"),
+                                (args.tokenizer, "--tokenizer", "tokenizer")):
+        check_model_path(value, option, kind)
+    check_data_source(args.dataset, "--dataset")
     dataset = load_preference_dataset(args.dataset, split=args.split)
     if args.max_samples is not None:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))

@@ -9,13 +9,21 @@ exit 0 with the command to resume.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 
 from ..data import load_preference_dataset
 from ..run_safety import RESUME_HINT, output_dir_lock, resolve_resume_from_checkpoint
 from ..trainer import TISDPOTrainer
-from ..validation import InputError, check_data_source, check_model_path, check_output_dir, check_preference_data
+from ..validation import (
+    InputError,
+    check_data_source,
+    check_model_path,
+    check_output_dir,
+    check_preference_data,
+    hub_unreachable,
+)
 from .arguments import parse_train_args
 
 logger = logging.getLogger(__name__)
@@ -27,8 +35,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # everything the user named is checked here, before any model is loaded
     for option in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path"):
-        check_model_path(getattr(train_args, option), f"--{option}")
+        check_model_path(getattr(train_args, option), f"--{option}", option.partition("_")[0])
     check_data_source(train_args.dataset_name, "--dataset_name")
+    if train_args.max_train_samples is not None and train_args.max_train_samples < 1:
+        raise InputError(f"--max_train_samples must be >= 1 (or None: all pairs), got {train_args.max_train_samples}")
     check_output_dir(config.output_dir)
     with output_dir_lock(config.output_dir):
         return _train(train_args, config, argv)
@@ -37,7 +47,11 @@ def main(argv: list[str]) -> int:
 def _train(train_args, config, argv: list[str]) -> int:
     resume = resolve_resume_from_checkpoint(config.resume_from_checkpoint, config.output_dir)
     load_kwargs = {"name": train_args.dataset_config} if train_args.dataset_config else {}
-    train_set = load_preference_dataset(train_args.dataset_name, split=train_args.dataset_train_split, **load_kwargs)
+    try:
+        train_set = load_preference_dataset(train_args.dataset_name, split=train_args.dataset_train_split,
+                                            **load_kwargs)
+    except ConnectionError as err:  # a hub dataset while the hub cannot be reached
+        raise hub_unreachable(train_args.dataset_name, "--dataset_name", str(err).splitlines()[0]) from err
     if train_args.max_train_samples is not None:
         train_set = train_set.select(range(min(train_args.max_train_samples, len(train_set))))
     check_preference_data(train_set, train_args.dataset_name)
@@ -45,12 +59,12 @@ def _train(train_args, config, argv: list[str]) -> int:
     if train_args.dataset_test_split:
         eval_set = load_preference_dataset(train_args.dataset_name, split=train_args.dataset_test_split, **load_kwargs)
         check_preference_data(eval_set, f"{train_args.dataset_name} [{train_args.dataset_test_split}]")
-    tokenizer = None
-    if train_args.tokenizer_name_or_path:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(train_args.tokenizer_name_or_path)
     try:
+        tokenizer = None
+        if train_args.tokenizer_name_or_path:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(train_args.tokenizer_name_or_path)
         trainer = TISDPOTrainer(
             model=train_args.model_name_or_path,
             ref_model=train_args.ref_model_name_or_path,
@@ -61,6 +75,13 @@ def _train(train_args, config, argv: list[str]) -> int:
         )
     except InputError as err:  # a row the tokenisation rejected: name the file too
         raise InputError(f"{train_args.dataset_name}: {err}") from err
+    except OSError as err:  # transformers: "We couldn't connect to 'https://huggingface.co' ..."
+        hub_ids = [(f"--{o}", v) for o in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path")
+                   if (v := getattr(train_args, o)) and not os.path.isdir(v)]
+        if "couldn't connect" not in str(err) or not hub_ids:
+            raise
+        option, value = hub_ids[0]
+        raise hub_unreachable(value, option, str(err).splitlines()[0]) from err
     if resume is not None:
         logger.info("Resuming from %s.", resume)
     trainer.train(resume_from_checkpoint=resume)
