@@ -12,7 +12,8 @@
 - Preemption (`PreemptionCallback`): SIGTERM / SIGINT make the trainer save a checkpoint at the next step boundary
   and stop; the `tisdpo train` command then exits 0 and prints how to resume.
 
-Imports only the standard library and `transformers` (`TrainerCallback`, the checkpoint rotation).
+Imports only the standard library, torch (the distributed stop flag) and `transformers` (`TrainerCallback`, the
+checkpoint rotation).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import threading
 import time
 import zipfile
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -315,6 +317,12 @@ class PreemptionCallback(TrainerCallback):
                 self._previous[signum] = signal.signal(signum, self._handle)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every process stops at the same step, though the signal reaches them at different moments
+            flag = torch.tensor([self.signal_name is not None], dtype=torch.int32, device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and self.signal_name is None:
+                self.signal_name = "SIGTERM (on another process)"
         if self.signal_name is not None:
             control.should_save = True
             control.should_training_stop = True

@@ -73,7 +73,7 @@ from .modeling import (
 from .offload import offload_activations
 from .prefix import PrefixSharedCollator, check_attention
 from .response_weights import PER_RESPONSE_TRANSFORMS, transform_token_weights, warn_if_weightless
-from .run_safety import PreemptionCallback, save_complete_checkpoint
+from .run_safety import PreemptionCallback, resolve_resume_from_checkpoint, save_complete_checkpoint
 from .trl_compat import SyncRefModelCallback, TRLFeatureAliases, check_syncable, normalize_batch
 
 logger = logging.getLogger(__name__)
@@ -403,14 +403,18 @@ class TISDPOTrainer(Trainer):
             self.train_dataset = _map_datasets(self.train_dataset, "train", add_ref)
             self.eval_dataset = _map_datasets(self.eval_dataset, "eval", add_ref)
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`, with the `tokens_per_second` clock started here rather than at construction, and the lazy
         reference model built first (before a checkpoint to resume from replaces the policy's weights). SIGTERM or
-        SIGINT during it saves a checkpoint at the next step boundary and stops (`self.preemption.signal_name`)."""
+        SIGINT during it saves a checkpoint at the next step boundary and stops (`self.preemption.signal_name`).
+        `resume_from_checkpoint=True` takes the newest complete checkpoint of `output_dir`, skipping (with a log
+        line) interrupted or damaged ones; a path must be a complete checkpoint (`tisdpo.run_safety`)."""
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            resume_from_checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
         self._ensure_ref_model()
         self._tokens_since_log, self._last_log_time = 0.0, time.perf_counter()
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self.preemption.uninstall()
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.trainer.tiny import no_checkpointing, tiny_llama
-from tisdpo import cli
+from tests.trainer.tiny import dataset_of, no_checkpointing, tiny_llama
+from tisdpo import TISDPOConfig, TISDPOTrainer, cli
 from tisdpo.run_safety import (
     COMPLETE_MARKER,
     LOCK_FILE,
@@ -247,3 +247,44 @@ def test_a_dead_process_lock_is_taken_over(tmp_path, caplog):
                 assert json.load(f)["pid"] == os.getpid()
     assert f"of pid {dead.pid} on {socket.gethostname()} (started earlier): that process no longer runs" in caplog.text
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_rotation_keeps_complete_checkpoints(run_files, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(_argv(run_files, out, *SAVE_EVERY_STEP, "--max_steps", "3", "--save_total_limit", "2")) == 0
+    assert sorted(os.path.basename(c) for c in checkpoints(str(out))) == ["checkpoint-2", "checkpoint-3"]
+    assert all(checkpoint_problem(c) is None for c in checkpoints(str(out)))
+
+
+def test_torch_writer_failing_on_a_full_disk_is_one_line(run_files, tmp_path, capsys, monkeypatch):
+    """What torch.save raises when the disk fills (no errno): said as a full disk when little space is left."""
+    real_save, real_usage = torch.save, shutil.disk_usage
+
+    def save(obj, f, *args, **kwargs):
+        if "checkpoint-2" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 2432 vs 2326")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1 << 20))
+    out = tmp_path / "out"
+    status = cli.main(_argv(run_files, out, *SAVE_EVERY_STEP, "--max_steps", "3"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert status == 2
+    assert err.startswith(f"tisdpo: error: the disk is full: saving checkpoint-2 in {out} failed ([enforce fail")
+    assert err.endswith("free space and rerun with --resume_from_checkpoint true")
+
+
+def test_trainer_api_resume_true_skips_a_damaged_checkpoint(tok, run_files, two_checkpoints, tmp_path, caplog,
+                                                            quick_args):
+    out = tmp_path / "out"
+    shutil.copytree(two_checkpoints, out)
+    _truncate(str(out / "checkpoint-2" / "rng_state.pth"), 0.5)
+    rows = [dict(ROW, prompt=f"Name fruit {i}:") for i in range(8)]
+    args = TISDPOConfig(**{**quick_args, "output_dir": str(out), "per_device_train_batch_size": 2}, max_steps=3)
+    trainer = TISDPOTrainer(run_files[0], args=args, train_dataset=dataset_of(rows),
+                            processing_class=tok)
+    with caplog.at_level(logging.WARNING, logger="tisdpo.run_safety"):
+        trainer.train(resume_from_checkpoint=True)
+    assert f"Skipping {out / 'checkpoint-2'}: rng_state.pth is truncated" in caplog.text
+    assert trainer.state.global_step == 3

@@ -1,5 +1,5 @@
 """The argument helpers the `tisdpo` commands share: `TrainArguments` (what to train on), the YAML + flags parsing
-of `tisdpo train` (`parse_train_args`, also read by `tisdpo contrastive`), the `--config file.yaml` defaults of the
+of `tisdpo train` (`parse_train_args`, also read by `tisdpo contrastive`) and its checks (`check_train_inputs`), the `--config file.yaml` defaults of the
 argparse commands (`apply_yaml_defaults`, `parse_with_yaml`) and their flag types (`optional_int`, `auto_bool`).
 Bad input is an `InputError` naming the file, the line and the field, or an argparse usage error (exit status 2).
 """
@@ -14,8 +14,12 @@ from dataclasses import dataclass, field, fields
 
 from ..config import TISDPOConfig
 from ..validation import (
+    InputError,
     accept_none_strings,
+    check_data_source,
+    check_model_path,
     check_option_values,
+    check_output_dir,
     config_path_of,
     load_yaml_mapping,
     unknown_option_message,
@@ -99,6 +103,17 @@ def parse_train_args(argv: list[str]) -> tuple[TrainArguments, TISDPOConfig]:
     except (TypeError, ValueError) as err:  # TISDPOConfig / TrainingArguments reject a setting
         parser.error(str(err))
     return train_args, config
+
+
+def check_train_inputs(train_args: TrainArguments, config: TISDPOConfig) -> None:
+    """What `tisdpo train` and `tisdpo contrastive` check before loading anything: the model, reference and
+    tokenizer paths, the data source, `--max_train_samples` and `--output_dir` (`InputError` naming the option)."""
+    for option in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path"):
+        check_model_path(getattr(train_args, option), f"--{option}", option.partition("_")[0])
+    check_data_source(train_args.dataset_name, "--dataset_name")
+    if train_args.max_train_samples is not None and train_args.max_train_samples < 1:
+        raise InputError(f"--max_train_samples must be >= 1 (or None: all pairs), got {train_args.max_train_samples}")
+    check_output_dir(config.output_dir)
 
 
 def parse_with_yaml(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

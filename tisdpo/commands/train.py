@@ -16,15 +16,8 @@ import sys
 from ..data import load_preference_dataset
 from ..run_safety import RESUME_HINT, output_dir_lock, resolve_resume_from_checkpoint
 from ..trainer import TISDPOTrainer
-from ..validation import (
-    InputError,
-    check_data_source,
-    check_model_path,
-    check_output_dir,
-    check_preference_data,
-    hub_unreachable,
-)
-from .arguments import parse_train_args
+from ..validation import InputError, check_preference_data, hub_unreachable
+from .arguments import check_train_inputs, parse_train_args
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +27,7 @@ def main(argv: list[str]) -> int:
     train_args, config = parse_train_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # everything the user named is checked here, before any model is loaded
-    for option in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path"):
-        check_model_path(getattr(train_args, option), f"--{option}", option.partition("_")[0])
-    check_data_source(train_args.dataset_name, "--dataset_name")
-    if train_args.max_train_samples is not None and train_args.max_train_samples < 1:
-        raise InputError(f"--max_train_samples must be >= 1 (or None: all pairs), got {train_args.max_train_samples}")
-    check_output_dir(config.output_dir)
+    check_train_inputs(train_args, config)
     with output_dir_lock(config.output_dir):
         return _train(train_args, config, argv)
 
