@@ -288,3 +288,33 @@ def test_trainer_api_resume_true_skips_a_damaged_checkpoint(tok, run_files, two_
         trainer.train(resume_from_checkpoint=True)
     assert f"Skipping {out / 'checkpoint-2'}: rng_state.pth is truncated" in caplog.text
     assert trainer.state.global_step == 3
+
+
+def test_sigterm_to_one_process_of_two_stops_both_at_the_same_step(run_files, tmp_path):
+    """torchrun, 2 CPU processes (gloo): SIGTERM reaches rank 1 only; both save one checkpoint and exit 0 (without
+    the shared stop flag rank 0 would wait forever in the next gradient all-reduce)."""
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "out"
+    argv = [*_argv(run_files, out, "--max_steps", "100000", "--save_strategy", "no", "--ddp_backend", "gloo")][1:]
+    env = dict(os.environ, PYTHONPATH=ROOT, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", str(29500 + os.getpid() % 1000), "-m", "tisdpo", "train", *argv],
+                                env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = [], []
+    readers = [threading.Thread(target=_lines_of, args=(s, into), daemon=True)
+               for s, into in ((launcher.stdout, stdout), (launcher.stderr, stderr))]
+    for r in readers:
+        r.start()
+    deadline = time.time() + 300
+    while not any("'loss'" in line for line in stdout):
+        assert launcher.poll() is None and time.time() < deadline, "".join(stderr)
+        time.sleep(0.1)
+    workers = {int(p.environ().get("RANK", -1)): p for p in psutil.Process(launcher.pid).children(recursive=True)}
+    workers[1].send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=120) == 0, "".join(stderr)
+    for r in readers:
+        r.join(timeout=10)
+    saved = newest_complete_checkpoint(str(out))
+    assert saved is not None
+    assert sum(line.startswith("tisdpo: stopped by") for line in stderr) == 1, "".join(stderr)
+    assert not (out / LOCK_FILE).exists()

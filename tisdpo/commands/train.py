@@ -74,6 +74,8 @@ def _train(train_args, config, argv: list[str]) -> int:
         logger.info("Resuming from %s.", resume)
     trainer.train(resume_from_checkpoint=resume)
     if trainer.preemption.signal_name is not None:
+        if not trainer.is_world_process_zero():
+            return 0
         print(f"tisdpo: stopped by {trainer.preemption.signal_name} after step {trainer.state.global_step}; "
               f"checkpoint saved in {config.output_dir}. Resume with: tisdpo train {_resume_command(argv)}",
               file=sys.stderr)
