@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from .formats import DATA_EXTENSIONS, PROMPT_IDS, WEIGHT_COLUMNS, pair_drop_reason
+from .formats import DATA_EXTENSIONS, PROMPT_IDS, REF_COLUMNS, WEIGHT_COLUMNS, pair_drop_reason
 
 logger = logging.getLogger(__name__)
 
@@ -370,6 +370,34 @@ def check_weight_columns(dataset, source: str, null_rows: bool = False) -> None:
                 raise InputError(f"{source}, row {i}: {err}") from None
 
 
+LOGP_TOLERANCE = 1e-3
+
+
+def check_ref_logp_columns(dataset, source: str) -> None:
+    """Per-token reference log-prob columns (`ref_chosen_token_logps`, `ref_rejected_token_logps`), when present,
+    hold log-probabilities: finite and <= 0 (up to `LOGP_TOLERANCE`, float rounding). A positive value is most
+    likely a negative log-likelihood passed by mistake; `InputError` names the row, the column and the index."""
+    import numpy as np
+
+    present = [c for c in REF_COLUMNS if c in dataset.column_names]
+    if not present:
+        return
+    table = dataset.select_columns(present).flatten_indices().data.table
+    for column in present:
+        arrow = table.column(column).combine_chunks()
+        values = arrow.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = ~np.isfinite(values) | (values > LOGP_TOLERANCE)
+        if not bad.any():
+            continue
+        first = int(np.argmax(bad))
+        offsets = arrow.offsets.to_numpy() - int(arrow.offsets[0].as_py())
+        row = int(np.searchsorted(offsets, first, side="right") - 1)
+        value = values[first]
+        why = ("log-probs are <= 0; a negative log-likelihood (-log p) passed by mistake?" if np.isfinite(value)
+               else "log-probs must be finite")
+        raise InputError(f"{source}, row {row}: `{column}`[{first - offsets[row]}] is {value:g} ({why})")
+
+
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer", "function", "ipython")
 
 
@@ -402,8 +430,8 @@ def check_chat_messages(example: dict[str, Any]) -> None:
 
 
 def check_preference_data(dataset, source: str) -> None:
-    """The columns of a preference dataset (`chosen` and `rejected`, or already tokenised ids), its weight
-    columns and, in conversational data, every message's role (`check_chat_messages`); `source` (the file or hub
+    """The columns of a preference dataset (`chosen` and `rejected`, or already tokenised ids), its weight and
+    reference log-prob columns and, in conversational data, every message's role (`check_chat_messages`); `source` (the file or hub
     name) leads every message."""
     columns = dataset.column_names
     if len(dataset) == 0:
@@ -414,6 +442,7 @@ def check_preference_data(dataset, source: str) -> None:
             raise InputError(f"{source}: no {' or '.join(f'`{c}`' for c in missing)} column (columns: "
                              f"{', '.join(columns)}); a preference dataset needs `chosen` and `rejected`")
     check_weight_columns(dataset, source)
+    check_ref_logp_columns(dataset, source)
     first = dataset[0]
     if isinstance(first.get("chosen"), list):
         texts = [c for c in ("prompt", "chosen", "rejected") if c in columns]

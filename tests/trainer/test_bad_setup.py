@@ -218,3 +218,19 @@ def test_all_zero_weights_warn(tok, quick_args, caplog):
         TISDPOTrainer(tiny_llama(len(tok)), args=TISDPOConfig(**quick_args, max_steps=1),
                       train_dataset=dataset_of(rows), processing_class=tok)
     assert "Every token weight" not in caplog.text
+
+
+@pytest.mark.parametrize("value, why", [
+    (2.3, "log-probs are <= 0; a negative log-likelihood (-log p) passed by mistake?"),
+    (float("nan"), "log-probs must be finite"),
+])
+def test_positive_reference_log_probs_in_a_tokenised_file(value, why, tmp_path, capsys, model_dir,
+                                                          no_model_loading):
+    rows = [{"prompt_input_ids": [5, 6], "chosen_input_ids": [7, 8, 2], "rejected_input_ids": [9, 2],
+             "ref_chosen_token_logps": [-1.0, -0.5, -0.1], "ref_rejected_token_logps": [-2.0, -0.2]}
+            for _ in range(3)]
+    rows[2]["ref_rejected_token_logps"] = [-2.0, value]
+    data = _write_lines(tmp_path / "tokenised.jsonl", [json.dumps(r) for r in rows])
+    status, err = _run(_train_argv(model_dir, data, tmp_path), capsys)
+    assert status == 2
+    assert err == f"tisdpo: error: {data}, row 2: `ref_rejected_token_logps`[1] is {value:g} ({why})"

@@ -198,6 +198,22 @@ def test_disk_full_during_a_save_is_one_line(run_files, tmp_path, capsys, monkey
     assert not (out / LOCK_FILE).exists()
 
 
+def _kill_tree(proc):
+    """End `proc` and its children if a failed test left them running."""
+    if proc.poll() is not None:
+        return
+    try:
+        import psutil
+
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except Exception:  # no psutil, or the process ended meanwhile
+        children = []
+    for child in children:
+        child.kill()
+    proc.kill()
+    proc.wait(timeout=30)
+
+
 def _lines_of(stream, into):
     for line in stream:
         into.append(line)
@@ -207,33 +223,36 @@ def test_sigterm_saves_and_a_second_writer_is_refused(run_files, tmp_path, capsy
     out = tmp_path / "out"
     argv = _argv(run_files, out, "--max_steps", "100000", "--save_strategy", "no")
     first = _spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    stdout, stderr = [], []
-    readers = [threading.Thread(target=_lines_of, args=(s, into), daemon=True)
-               for s, into in ((first.stdout, stdout), (first.stderr, stderr))]
-    for r in readers:
-        r.start()
-    deadline = time.time() + 240
-    while not any("'loss'" in line for line in stdout):  # training has started
-        assert first.poll() is None and time.time() < deadline, "".join(stderr)
-        time.sleep(0.1)
+    try:
+        stdout, stderr = [], []
+        readers = [threading.Thread(target=_lines_of, args=(s, into), daemon=True)
+                   for s, into in ((first.stdout, stdout), (first.stderr, stderr))]
+        for r in readers:
+            r.start()
+        deadline = time.time() + 240
+        while not any("'loss'" in line for line in stdout):  # training has started
+            assert first.poll() is None and time.time() < deadline, "".join(stderr)
+            time.sleep(0.1)
 
-    # a second run into the same output_dir: refused before any model loads, naming the first
-    status = cli.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert status == 2
-    assert err.startswith(f"tisdpo: error: --output_dir {out}: another `tisdpo train` writes there "
-                          f"(pid {first.pid} on {socket.gethostname()}")
+        # a second run into the same output_dir: refused before any model loads, naming the first
+        status = cli.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert status == 2
+        assert err.startswith(f"tisdpo: error: --output_dir {out}: another `tisdpo train` writes there "
+                              f"(pid {first.pid} on {socket.gethostname()}")
 
-    first.send_signal(signal.SIGTERM)
-    assert first.wait(timeout=120) == 0
-    for r in readers:
-        r.join(timeout=10)
-    last = [line for line in stderr if line.startswith("tisdpo: stopped by SIGTERM")]
-    assert last and last[-1].rstrip().endswith("--resume_from_checkpoint true"), "".join(stderr)
-    saved = newest_complete_checkpoint(str(out))
-    assert saved is not None and checkpoint_problem(saved) is None
-    assert not (out / LOCK_FILE).exists()
-    assert not (out / "model.safetensors").exists()  # not a finished run: no final model
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 0
+        for r in readers:
+            r.join(timeout=10)
+        last = [line for line in stderr if line.startswith("tisdpo: stopped by SIGTERM")]
+        assert last and last[-1].rstrip().endswith("--resume_from_checkpoint true"), "".join(stderr)
+        saved = newest_complete_checkpoint(str(out))
+        assert saved is not None and checkpoint_problem(saved) is None
+        assert not (out / LOCK_FILE).exists()
+        assert not (out / "model.safetensors").exists()  # not a finished run: no final model
+    finally:
+        _kill_tree(first)
 
 
 def test_a_dead_process_lock_is_taken_over(tmp_path, caplog):
@@ -300,21 +319,24 @@ def test_sigterm_to_one_process_of_two_stops_both_at_the_same_step(run_files, tm
     launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                  "--master_port", str(29500 + os.getpid() % 1000), "-m", "tisdpo", "train", *argv],
                                 env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    stdout, stderr = [], []
-    readers = [threading.Thread(target=_lines_of, args=(s, into), daemon=True)
-               for s, into in ((launcher.stdout, stdout), (launcher.stderr, stderr))]
-    for r in readers:
-        r.start()
-    deadline = time.time() + 300
-    while not any("'loss'" in line for line in stdout):
-        assert launcher.poll() is None and time.time() < deadline, "".join(stderr)
-        time.sleep(0.1)
-    workers = {int(p.environ().get("RANK", -1)): p for p in psutil.Process(launcher.pid).children(recursive=True)}
-    workers[1].send_signal(signal.SIGTERM)
-    assert launcher.wait(timeout=120) == 0, "".join(stderr)
-    for r in readers:
-        r.join(timeout=10)
-    saved = newest_complete_checkpoint(str(out))
-    assert saved is not None
-    assert sum(line.startswith("tisdpo: stopped by") for line in stderr) == 1, "".join(stderr)
-    assert not (out / LOCK_FILE).exists()
+    try:
+        stdout, stderr = [], []
+        readers = [threading.Thread(target=_lines_of, args=(s, into), daemon=True)
+                   for s, into in ((launcher.stdout, stdout), (launcher.stderr, stderr))]
+        for r in readers:
+            r.start()
+        deadline = time.time() + 300
+        while not any("'loss'" in line for line in stdout):
+            assert launcher.poll() is None and time.time() < deadline, "".join(stderr)
+            time.sleep(0.1)
+        workers = {int(p.environ().get("RANK", -1)): p for p in psutil.Process(launcher.pid).children(recursive=True)}
+        workers[1].send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=120) == 0, "".join(stderr)
+        for r in readers:
+            r.join(timeout=10)
+        saved = newest_complete_checkpoint(str(out))
+        assert saved is not None
+        assert sum(line.startswith("tisdpo: stopped by") for line in stderr) == 1, "".join(stderr)
+        assert not (out / LOCK_FILE).exists()
+    finally:
+        _kill_tree(launcher)
