@@ -6,7 +6,7 @@
   renamed. A checkpoint without it was interrupted; one whose files no longer match it (truncated, missing) or do
   not parse (safetensors header, torch zip archive, JSON) is damaged. `resolve_resume_from_checkpoint("true", ...)`
   takes the newest usable checkpoint and logs, one line each, those it skipped and why.
-- A failed save (`save_failure_message`): a full disk is said in words, naming the checkpoint.
+- A failed save (`disk_full`, `disk_full_message`): a full disk is said in words, naming the checkpoint.
 - One writer per `output_dir` (`output_dir_lock`): a lock file naming the process (pid, host, start time); a lock
   whose process is gone is taken over, with a log line.
 - Preemption (`PreemptionCallback`): SIGTERM / SIGINT make the trainer save a checkpoint at the next step boundary
@@ -196,21 +196,23 @@ def resolve_resume_from_checkpoint(value: str | bool | None, output_dir: str) ->
     return value
 
 
-def save_failure_message(err: BaseException, checkpoint_dir: str) -> str | None:
-    """One line for a checkpoint save that failed for lack of space (`ENOSPC`, `EDQUOT`, or torch's writer failing
-    on a disk with under 64 MiB left), naming the checkpoint; None for any other error."""
-    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
-    if not full and isinstance(err, RuntimeError) and ("unexpected pos" in str(err) or "write" in str(err).lower()):
+def disk_full(err: BaseException, directory: str) -> bool:
+    """Whether a failed write into `directory` failed for lack of space: `ENOSPC` / `EDQUOT`, or torch's archive
+    writer failing (it raises a RuntimeError without errno) on a disk with under 64 MiB left."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(err, RuntimeError) and ("unexpected pos" in str(err) or "write" in str(err).lower()):
         with contextlib.suppress(OSError):
-            full = shutil.disk_usage(os.path.dirname(checkpoint_dir) or ".").free < 64 * 2**20
-    if not full:
-        return None
-    output_dir = os.path.dirname(checkpoint_dir)
+            return shutil.disk_usage(directory).free < 64 * 2**20
+    return False
+
+
+def disk_full_message(err: BaseException, output_dir: str, what: str) -> str:
+    """One line for a save of `what` (`checkpoint-N`, or the final model) into `output_dir` that filled the disk."""
     previous = newest_complete_checkpoint(output_dir)
     kept = (f"{os.path.basename(previous)} is the newest complete checkpoint" if previous
             else "there is no complete checkpoint yet")
-    return (f"the disk is full: saving {os.path.basename(checkpoint_dir)} in {output_dir} failed ({err}); the "
-            f"partial {os.path.basename(checkpoint_dir)} was removed, {kept}; free space and rerun with {RESUME_HINT}")
+    return f"the disk is full: saving {what} in {output_dir} failed ({err}); {kept}; free space and rerun with {RESUME_HINT}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,11 +347,11 @@ def save_complete_checkpoint(trainer, save, model, trial) -> None:
     try:
         save(model, trial)
     except (OSError, RuntimeError) as err:
-        message = save_failure_message(err, checkpoint_dir)
-        if message is None:
+        if not disk_full(err, run_dir):
             raise
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        raise CheckpointError(message) from err
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the partial checkpoint, to free its space
+        name = os.path.basename(checkpoint_dir)
+        raise CheckpointError(disk_full_message(err, run_dir, f"{name} (the partial {name} was removed)")) from err
     finally:
         args.save_total_limit = limit
     trainer.accelerator.wait_for_everyone()

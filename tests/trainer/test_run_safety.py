@@ -18,6 +18,7 @@ import time
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from tests.trainer.tiny import dataset_of, no_checkpointing, tiny_llama
@@ -191,8 +192,9 @@ def test_disk_full_during_a_save_is_one_line(run_files, tmp_path, capsys, monkey
     status = cli.main(_argv(run_files, out, *SAVE_EVERY_STEP, "--max_steps", "3"))
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert status == 2
-    assert err.startswith(f"tisdpo: error: the disk is full: saving checkpoint-2 in {out} failed")
-    assert "checkpoint-1 is the newest complete checkpoint" in err
+    assert err.startswith(f"tisdpo: error: the disk is full: saving checkpoint-2 (the partial checkpoint-2 was "
+                          f"removed) in {out} failed ([Errno {errno.ENOSPC}] No space left on device); checkpoint-1 is "
+                          "the newest complete checkpoint; free space and rerun with --resume_from_checkpoint true")
     assert not (out / "checkpoint-2").exists()
     assert checkpoint_problem(str(out / "checkpoint-1")) is None
     assert not (out / LOCK_FILE).exists()
@@ -212,6 +214,23 @@ def _kill_tree(proc):
         child.kill()
     proc.kill()
     proc.wait(timeout=30)
+
+
+def test_disk_full_during_the_final_save_is_one_line(run_files, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    real_save_file = transformers.modeling_utils.safe_save_file
+
+    def full(tensors, filename, *args, **kwargs):  # the final model goes to out itself, checkpoints below it
+        if os.path.dirname(str(filename)) == str(out):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    status = cli.main(_argv(run_files, out, *SAVE_EVERY_STEP, "--max_steps", "2"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert status == 2
+    assert err.startswith(f"tisdpo: error: the disk is full: saving the final model in {out} failed (")
+    assert "checkpoint-2 is the newest complete checkpoint" in err
 
 
 def _lines_of(stream, into):
@@ -290,7 +309,8 @@ def test_torch_writer_failing_on_a_full_disk_is_one_line(run_files, tmp_path, ca
     status = cli.main(_argv(run_files, out, *SAVE_EVERY_STEP, "--max_steps", "3"))
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert status == 2
-    assert err.startswith(f"tisdpo: error: the disk is full: saving checkpoint-2 in {out} failed ([enforce fail")
+    assert err.startswith(f"tisdpo: error: the disk is full: saving checkpoint-2 (the partial checkpoint-2 was "
+                          f"removed) in {out} failed ([enforce fail")
     assert err.endswith("free space and rerun with --resume_from_checkpoint true")
 
 

@@ -14,7 +14,14 @@ import shlex
 import sys
 
 from ..data import load_preference_dataset
-from ..run_safety import RESUME_HINT, output_dir_lock, resolve_resume_from_checkpoint
+from ..run_safety import (
+    RESUME_HINT,
+    CheckpointError,
+    disk_full,
+    disk_full_message,
+    output_dir_lock,
+    resolve_resume_from_checkpoint,
+)
 from ..trainer import TISDPOTrainer
 from ..validation import InputError, check_preference_data, hub_unreachable
 from .arguments import check_train_inputs, parse_train_args
@@ -80,8 +87,13 @@ def _train(train_args, config, argv: list[str]) -> int:
               f"checkpoint saved in {config.output_dir}. Resume with: tisdpo train {_resume_command(argv)}",
               file=sys.stderr)
         return 0
-    trainer.save_model(config.output_dir)
-    trainer.save_state()
+    try:
+        trainer.save_model(config.output_dir)
+        trainer.save_state()
+    except (OSError, RuntimeError) as err:
+        if not disk_full(err, config.output_dir):
+            raise
+        raise CheckpointError(disk_full_message(err, config.output_dir, "the final model")) from err
     if eval_set is not None:
         trainer.evaluate()
     return 0
