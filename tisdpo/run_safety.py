@@ -212,7 +212,8 @@ def disk_full_message(err: BaseException, output_dir: str, what: str) -> str:
     previous = newest_complete_checkpoint(output_dir)
     kept = (f"{os.path.basename(previous)} is the newest complete checkpoint" if previous
             else "there is no complete checkpoint yet")
-    return f"the disk is full: saving {what} in {output_dir} failed ({err}); {kept}; free space and rerun with {RESUME_HINT}"
+    return (f"the disk is full: saving {what} in {output_dir} failed ({err}); {kept}; free space and rerun with "
+            f"{RESUME_HINT}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

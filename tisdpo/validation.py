@@ -431,8 +431,8 @@ def check_chat_messages(example: dict[str, Any]) -> None:
 
 def check_preference_data(dataset, source: str) -> None:
     """The columns of a preference dataset (`chosen` and `rejected`, or already tokenised ids), its weight and
-    reference log-prob columns and, in conversational data, every message's role (`check_chat_messages`); `source` (the file or hub
-    name) leads every message."""
+    reference log-prob columns and, in conversational data, every message's role (`check_chat_messages`);
+    `source` (the file or hub name) leads every message."""
     columns = dataset.column_names
     if len(dataset) == 0:
         raise InputError(f"{source}: has no rows (no preference pairs)")

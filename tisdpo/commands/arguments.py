@@ -1,6 +1,7 @@
 """The argument helpers the `tisdpo` commands share: `TrainArguments` (what to train on), the YAML + flags parsing
-of `tisdpo train` (`parse_train_args`, also read by `tisdpo contrastive`) and its checks (`check_train_inputs`), the `--config file.yaml` defaults of the
-argparse commands (`apply_yaml_defaults`, `parse_with_yaml`) and their flag types (`optional_int`, `auto_bool`).
+of `tisdpo train` (`parse_train_args`, also read by `tisdpo contrastive`) and its checks (`check_train_inputs`),
+the `--config file.yaml` defaults of the argparse commands (`apply_yaml_defaults`, `parse_with_yaml`) and their
+flag types (`optional_int`, `auto_bool`).
 Bad input is an `InputError` naming the file, the line and the field, or an argparse usage error (exit status 2).
 """
 

@@ -84,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.eos_weight is not None and args.transform is None:
         parser.error("--eos-weight needs --transform")
 
-    for value, option, kind in ((args.plus_model, "--plus-model", "model"), (args.minus_model, "--minus-model", "model"),
+    for value, option, kind in ((args.plus_model, "--plus-model", "model"),
+                                (args.minus_model, "--minus-model", "model"),
                                 (args.tokenizer, "--tokenizer", "tokenizer")):
         check_model_path(value, option, kind)
     check_data_source(args.dataset, "--dataset")
