@@ -10,7 +10,8 @@
 - One writer per `output_dir` (`output_dir_lock`): a lock file naming the process (pid, host, start time); a lock
   whose process is gone is taken over, with a log line.
 - Preemption (`PreemptionCallback`): SIGTERM / SIGINT make the trainer save a checkpoint at the next step boundary
-  and stop; the `tisdpo train` command then exits 0 and prints how to resume.
+  and stop, every process of a distributed run at the same step; the `tisdpo train` command then exits 0 and
+  prints how to resume.
 
 Imports only the standard library, torch (the distributed stop flag) and `transformers` (`TrainerCallback`, the
 checkpoint rotation).
@@ -48,7 +49,8 @@ _TORCH_ARCHIVES = (".pt", ".pth", ".bin")
 
 
 class CheckpointError(InputError):
-    """A checkpoint that cannot be written or read (a full disk, a damaged file): printed as one line by `tisdpo`."""
+    """A run that cannot go on (a full disk during a save; a stop by signal where there is no resume): printed as one
+    line by `tisdpo`."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
