@@ -451,6 +451,11 @@ class TISDPOConfig(TrainingArguments):
             raise ValueError(f"`loss_backend` must be one of {LOSS_BACKENDS}, got {self.loss_backend!r}")
         if not self.beta > 0:
             raise ValueError(f"`beta` must be > 0, got {self.beta}")
+        for name in ("beta", "learning_rate"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"`{name}` must be a finite number, got {getattr(self, name)}")
+        if not self.learning_rate >= 0:
+            raise ValueError(f"`learning_rate` must be >= 0, got {self.learning_rate}")
         for name in ("max_length", "max_prompt_length", "max_completion_length"):
             value = getattr(self, name)
             if value is not None and value < 1:

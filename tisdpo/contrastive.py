@@ -37,6 +37,7 @@ import os
 from torch import nn
 
 from .config import TISDPOConfig
+from .run_safety import CheckpointError
 from .trainer import TISDPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,10 @@ def train_contrastive_models(
         trainer = TISDPOTrainer(model=start, ref_model=ref_model, args=run_args, train_dataset=train_dataset,
                                 processing_class=processing_class)
         trainer.train()
+        if trainer.preemption.signal_name is not None:  # do not go on to the other model, nor save this one
+            raise CheckpointError(f"stopped by {trainer.preemption.signal_name} during the {side} training (step "
+                                  f"{trainer.state.global_step}, checkpoint in {run_args.output_dir}); the "
+                                  "contrastive pair does not resume: run it again")
         if save:
             trainer.save_model(run_args.output_dir)
         trained.append(trainer.model.eval())

@@ -62,7 +62,14 @@ from .formats import (
     is_messages,
     pair_drop_reason,
 )
-from .validation import InputError, check_data_source, diagnose_json_lines, drop_degenerate_pairs, weight_values
+from .validation import (
+    InputError,
+    check_chat_messages,
+    check_data_source,
+    diagnose_json_lines,
+    drop_degenerate_pairs,
+    weight_values,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +182,7 @@ def tokenize_row(
         raise ValueError(f"`tokenization` must be one of {TOKENIZATION_MODES}, got {tokenization!r}")
     if "chosen" not in example or "rejected" not in example:
         raise ValueError(f"a preference example needs `chosen` and `rejected`, got keys {sorted(example)}")
+    check_chat_messages(example)
     plain = not is_conversational(example)
     if plain:
         if example.get("prompt") is None:
@@ -363,8 +371,22 @@ def prepare_preference_dataset(
             dropped, len(dataset), name, max_length, max_prompt_length, max_completion_length, truncation_mode,
         )
     if len(tokenized) == 0:
-        raise ValueError(f"no {name} pair is left after tokenisation and truncation (all {len(dataset)} dropped)")
+        raise InputError(_nothing_left_message(dataset, tokenizer, options, name))
     return tokenized
+
+
+def _nothing_left_message(dataset: datasets.Dataset, tokenizer, options: dict[str, Any], name: str) -> str:
+    """Why no pair of `dataset` survived tokenisation: the truncation option (`max_length`, `max_prompt_length`,
+    `max_completion_length`) without which its first pair would be kept, or the pairs themselves."""
+    if len(dataset) == 0:
+        return f"no {name} pair is left: every pair has identical or empty responses (see the log)"
+    first = dataset[0]
+    for option in ("max_completion_length", "max_prompt_length", "max_length"):
+        if options[option] is not None and tokenize_row(first, tokenizer, **{**options, option: None}) is not None:
+            return (f"no {name} pair is left after tokenisation and truncation (all {len(dataset)} dropped): "
+                    f"--{option} {options[option]} empties every pair (row 0 keeps no prompt or no response "
+                    "token); raise it or set it to None")
+    return f"no {name} pair is left after tokenisation and truncation (all {len(dataset)} dropped)"
 
 
 def load_preference_dataset(source: str, split: str = "train", **kwargs: Any) -> datasets.Dataset:

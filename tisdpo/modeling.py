@@ -167,11 +167,31 @@ def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], backend: str =
 # ----------------------------------------------------------------------------------------------------------------
 
 
+_CHECKSUM_CHUNK = 1 << 22
+_CHECKSUM_MOD = 65521
+
+
+def _bytes_checksum(tensor: torch.Tensor) -> tuple[int, int]:
+    """A Fletcher-style checksum of every byte of `tensor`, computed on its device in int64 chunks of 4 MiB: the
+    byte sum and the sum of the bytes weighted by their position (mod 65521, + 1) and chunk index. Any change of a
+    value changes it (barring collisions of the position weights); exact integer maths, so equal on every device."""
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    weights = torch.arange(min(_CHECKSUM_CHUNK, data.numel()), device=data.device, dtype=torch.int64)
+    weights = weights % _CHECKSUM_MOD + 1
+    plain = weighted = 0
+    for k, start in enumerate(range(0, data.numel(), _CHECKSUM_CHUNK)):
+        chunk = data[start:start + _CHECKSUM_CHUNK].to(torch.int64)
+        plain += int(chunk.sum())
+        weighted = (weighted + (k + 1) * int((chunk * weights[: chunk.numel()]).sum())) % (2**61 - 1)
+    return plain, weighted
+
+
 def model_fingerprint(model: nn.Module, frozen_only: bool = False, include_config: bool = True) -> str:
-    """A hash identifying a model's weights: config, parameter names, shapes, dtypes and up to 4096 evenly spaced
-    values of every parameter (enough to tell checkpoints apart without hashing gigabytes). `frozen_only` hashes
-    only parameters that do not require grad (a PEFT model's base weights, not its freshly initialised adapter);
-    `include_config=False` leaves the config out (the Trainer edits runtime flags such as `use_cache` in it)."""
+    """A hash identifying a model's weights: config, parameter names, shapes, dtypes and a checksum of every byte
+    of every parameter (`_bytes_checksum`, on the parameter's device: an edit anywhere changes the fingerprint,
+    without copying gigabytes to the host). `frozen_only` hashes only parameters that do not require grad (a PEFT
+    model's base weights, not its freshly initialised adapter); `include_config=False` leaves the config out (the
+    Trainer edits runtime flags such as `use_cache` in it)."""
     hasher = hashlib.sha256()
     config = getattr(model, "config", None)
     if include_config and config is not None and hasattr(config, "to_json_string"):
@@ -179,11 +199,8 @@ def model_fingerprint(model: nn.Module, frozen_only: bool = False, include_confi
     for name, param in model.named_parameters():
         if frozen_only and param.requires_grad:
             continue
-        with gathered_parameters([param]):  # a ZeRO-3 partition: its whole value for the sample (all ranks call this)
-            flat = param.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 4096)]
-            hasher.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
-            hasher.update(sample.float().cpu().numpy().tobytes())
+        with gathered_parameters([param]):  # a ZeRO-3 partition: its whole value (all ranks call this)
+            hasher.update(f"{name}:{tuple(param.shape)}:{param.dtype}:{_bytes_checksum(param)}".encode())
     return hasher.hexdigest()
 
 

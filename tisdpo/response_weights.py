@@ -33,6 +33,7 @@ weight 0; here that is the ``eos_weight`` option of ``transform_token_weights`` 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 
 import torch
@@ -41,6 +42,8 @@ from tisdpo_kernels.transforms import ELEMENTWISE_TRANSFORMS, apply_weight_trans
 from tisdpo_kernels.transforms import transform_params as _elementwise_params
 
 from .formats import WEIGHT_COLUMNS
+
+logger = logging.getLogger(__name__)
 
 # need a whole response: the trainer applies them to the tokenised weight columns, not in the loss
 PER_RESPONSE_TRANSFORMS = ("rank_based", "binary", "random")
@@ -230,3 +233,27 @@ def transform_token_weights(
         return out
 
     return dataset.map(one, with_indices=True, num_proc=num_proc, desc=f"token weights: {name}")
+
+
+def warn_if_weightless(dataset, name: str, transform: str, transform_kwargs: dict | None = None) -> bool:
+    """Warn (and return True) when every token weight the loss will use is 0: ``dataset``'s (a tokenised
+    ``datasets.Dataset``) weight columns hold only zeros and ``transform`` keeps 0 at 0 (``origin``,
+    ``threshold``; a per-response transform's output is the column itself). The weighted log-ratios are then 0
+    for every pair, the preference term is constant and training on it changes nothing."""
+    if not hasattr(dataset, "data") or any(c not in dataset.column_names for c in WEIGHT_COLUMNS) or not len(dataset):
+        return False
+    table = dataset.select_columns(list(WEIGHT_COLUMNS)).flatten_indices().data.table
+    for column in WEIGHT_COLUMNS:
+        values = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        if len(values) == 0 or (values != 0).any():
+            return False
+    if transform in ELEMENTWISE_TRANSFORMS:
+        zero = apply_weight_transform(torch.zeros(1, dtype=torch.float64), transform,
+                                      **_elementwise_params(transform, transform_kwargs or {}))
+        if float(zero) != 0.0:
+            return False
+    logger.warning(
+        "Every token weight of the %s data is 0 (`chosen_weights` and `rejected_weights` hold only zeros, "
+        "weight_transform=%r): the weighted log-ratios are 0 for every pair, so the preference loss is constant "
+        "and training changes nothing. Check the weight estimation (tisdpo estimate-weights).", name, transform)
+    return True

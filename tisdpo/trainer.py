@@ -72,7 +72,8 @@ from .modeling import (
 )
 from .offload import offload_activations
 from .prefix import PrefixSharedCollator, check_attention
-from .response_weights import PER_RESPONSE_TRANSFORMS, transform_token_weights
+from .response_weights import PER_RESPONSE_TRANSFORMS, transform_token_weights, warn_if_weightless
+from .run_safety import PreemptionCallback, resolve_resume_from_checkpoint, save_complete_checkpoint
 from .trl_compat import SyncRefModelCallback, TRLFeatureAliases, check_syncable, normalize_batch
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ def _tokenize(dataset: datasets.Dataset, name: str, tokenizer, args: TISDPOConfi
     if args.weight_transform in PER_RESPONSE_TRANSFORMS and CHOSEN_WEIGHTS in tokenized.column_names:
         tokenized = transform_token_weights(tokenized, args.weight_transform, args.weight_transform_kwargs,
                                             num_proc=args.dataset_num_proc)
+    warn_if_weightless(tokenized, name, args.weight_transform, args.weight_transform_kwargs)
     return tokenized
 
 
@@ -381,6 +383,8 @@ class TISDPOTrainer(Trainer):
                 lambda: self.accelerator.unwrap_model(self._ensure_ref_model()),
                 args.ref_model_mixup_alpha, args.ref_model_sync_steps,
             ))
+        self.preemption = PreemptionCallback()  # SIGTERM/SIGINT: checkpoint at the next step boundary, stop
+        self.add_callback(self.preemption)
         differences = _trl_differences(args, model_id)
         if differences:
             logger.warning("Choices that differ from TRL's DPOTrainer: %s.", "; ".join(differences))
@@ -399,12 +403,20 @@ class TISDPOTrainer(Trainer):
             self.train_dataset = _map_datasets(self.train_dataset, "train", add_ref)
             self.eval_dataset = _map_datasets(self.eval_dataset, "eval", add_ref)
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`, with the `tokens_per_second` clock started here rather than at construction, and the lazy
-        reference model built first (before a checkpoint to resume from replaces the policy's weights)."""
+        reference model built first (before a checkpoint to resume from replaces the policy's weights). SIGTERM or
+        SIGINT during it saves a checkpoint at the next step boundary and stops (`self.preemption.signal_name`).
+        `resume_from_checkpoint=True` takes the newest complete checkpoint of `output_dir`, skipping (with a log
+        line) interrupted or damaged ones; a path must be a complete checkpoint (`tisdpo.run_safety`)."""
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            resume_from_checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
         self._ensure_ref_model()
         self._tokens_since_log, self._last_log_time = 0.0, time.perf_counter()
-        return super().train(*args, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self.preemption.uninstall()
 
     # ------------------------------------------------------------------------------------------------------------
     # reference model
@@ -690,7 +702,8 @@ class TISDPOTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         if self.args.should_save:  # as TRL: the run's output_dir holds the card of the latest checkpoint
             self.create_model_card_file(self.args.output_dir)
-        super()._save_checkpoint(model, trial)
+        # complete only at the end (a marker), rotation after it, a full disk said in words
+        save_complete_checkpoint(self, super()._save_checkpoint, model, trial)
 
     def create_model_card_file(self, output_dir: str) -> str:
         """Write this run's model card to `output_dir/README.md` (see `tisdpo.model_card`); returns its path."""

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from .formats import DATA_EXTENSIONS, PROMPT_IDS, WEIGHT_COLUMNS, pair_drop_reason
+from .formats import DATA_EXTENSIONS, PROMPT_IDS, REF_COLUMNS, WEIGHT_COLUMNS, pair_drop_reason
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ class InputError(ValueError):
 
 def load_yaml_mapping(path: str, option: str = "--config") -> tuple[dict[str, Any], dict[str, int]]:
     """The mapping of a YAML config file and the line (from 1) of each of its keys; `batch-size` reads as
-    `batch_size`. A missing file, a syntax error or a file that is not a mapping is an `InputError`."""
+    `batch_size`. A missing file, a syntax error, a file that is not a mapping or a key given twice (also as
+    `batch-size` and `batch_size`) is an `InputError`."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -67,7 +68,12 @@ def load_yaml_mapping(path: str, option: str = "--config") -> tuple[dict[str, An
         return {}, {}
     if not isinstance(values, dict):
         raise InputError(f"{path}: must hold a mapping of option names to values, got a {type(values).__name__}")
-    lines = {str(k.value).replace("-", "_"): k.start_mark.line + 1 for k, _ in node.value}
+    lines: dict[str, int] = {}
+    for key, _ in node.value:
+        name, line = str(key.value).replace("-", "_"), key.start_mark.line + 1
+        if name in lines:  # yaml keeps the last value silently
+            raise InputError(f"{path}, line {line}: `{name}` is given twice (first on line {lines[name]})")
+        lines[name] = line
     return {str(k).replace("-", "_"): v for k, v in values.items()}, lines
 
 
@@ -173,6 +179,29 @@ def accept_none_strings(parser: argparse.ArgumentParser, hints: dict[str, Any]) 
         action.type = none_or
 
 
+def config_path_of(argv: list[str], option: str = "--config") -> tuple[str | None, list[str]]:
+    """The file of `--config FILE` (or `--config=FILE`) in `argv` and `argv` without it. Given twice, or without a
+    file, it is an `InputError` (argparse would keep one of the two silently)."""
+    found, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == option:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise InputError(f"{option} needs a file name")
+            found.append(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith(option + "="):
+            found.append(arg[len(option) + 1:])
+        else:
+            rest.append(arg)
+        i += 1
+    if len(found) > 1:
+        raise InputError(f"{option} is given {len(found)} times ({', '.join(found)}); give one file (flags on the "
+                         "command line override its values)")
+    return (found[0] if found else None), rest
+
+
 def unknown_option_message(unknown: list[str], parser: argparse.ArgumentParser) -> str:
     """argparse's `unrecognized arguments` message, with the closest known option for each unknown flag."""
     known = [s for a in parser._actions for s in a.option_strings]
@@ -196,20 +225,61 @@ def _path_like(value: str) -> bool:
             or value.endswith("/") or os.path.splitext(value)[1].lower() in DATA_EXTENSIONS)
 
 
-def check_model_path(value: str | None, option: str) -> None:
-    """A model (or tokenizer) given as a local path must be a directory holding a saved model; a hub id
-    (`name` or `namespace/name`) that is not a local directory is left to transformers."""
+_SAVED_FILES = {"model": ("config.json", "adapter_config.json"),
+                "tokenizer": ("tokenizer_config.json", "tokenizer.json", "config.json")}
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off (`HF_HUB_OFFLINE` or `TRANSFORMERS_OFFLINE` set to 1/true)."""
+    return any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _in_hub_cache(repo_id: str, filename: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except ValueError:  # an id the hub client rejects is not in its cache either
+        return False
+
+
+def hub_unreachable(value: str, option: str, reason: str) -> InputError:
+    """The error for a hub id (`namespace/name`) that is no local path while the hub cannot be reached."""
+    return InputError(f"{option}: {value!r} is not a local directory, and the hub is unreachable ({reason})")
+
+
+def check_model_path(value: str | None, option: str, kind: str = "model") -> None:
+    """A model (`kind="model"`: config.json or adapter_config.json) or tokenizer (`kind="tokenizer"`) given as a
+    local path must be a directory holding one; a hub id (`name` or `namespace/name`) that is not a local
+    directory is left to transformers, unless the hub is switched off (`hub_offline`) and the id is not in the
+    local hub cache."""
     if value is None:
         return
     if os.path.isdir(value):
-        saved = ("config.json", "adapter_config.json", "tokenizer_config.json")
+        saved = _SAVED_FILES[kind]
         if not any(os.path.exists(os.path.join(value, f)) for f in saved):
-            raise InputError(f"{option}: {value!r} is a directory without config.json (not a saved model)")
+            what = "config.json (not a saved model)" if kind == "model" else "tokenizer_config.json (not a tokenizer)"
+            raise InputError(f"{option}: {value!r} is a directory without {what}")
         return
     if os.path.exists(value):
-        raise InputError(f"{option}: {value!r} is a file; give the directory of a saved model")
+        raise InputError(f"{option}: {value!r} is a file; give the directory of a saved {kind}")
     if _path_like(value):
         raise InputError(f"{option}: no such directory: {value!r}")
+    if hub_offline() and not _in_hub_cache(value, _SAVED_FILES[kind][0]):
+        raise hub_unreachable(value, option, "HF_HUB_OFFLINE=1, and it is not in the local hub cache")
+
+
+def check_output_dir(value: str, option: str = "--output_dir") -> None:
+    """The output directory must be a directory (or not exist yet, under a directory) that this process can write."""
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise InputError(f"{option}: {value!r} is a file, not a directory")
+    existing = value
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing.rstrip(os.sep)) or "."
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is" if existing == value else f"cannot be created: {existing!r} is"
+        raise InputError(f"{option}: {value!r} {what} not writable")
 
 
 def check_data_source(value: str, option: str) -> None:
@@ -226,23 +296,6 @@ def check_data_source(value: str, option: str) -> None:
 def _has_content(path: str) -> bool:
     with open(path, "rb") as f:
         return bool(f.read(1 << 16).strip())
-
-
-def resolve_resume_from_checkpoint(value: str | bool | None, output_dir: str) -> str | bool | None:
-    """`--resume_from_checkpoint`: `true` means the last `checkpoint-*` directory in `output_dir` (as
-    transformers does for `True`), `false` means none; a path must exist."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if value is None or value is False or (isinstance(value, str) and value.lower() in ("false", "none", "null")):
-        return None
-    if value is True or (isinstance(value, str) and value.lower() == "true"):
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is None:
-            raise InputError(f"--resume_from_checkpoint true: no checkpoint-* directory in output_dir {output_dir!r}")
-        return last
-    if not os.path.isdir(value):
-        raise InputError(f"--resume_from_checkpoint: no such checkpoint directory: {value!r}")
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,10 +332,11 @@ def _is_numpy_number(value: Any) -> bool:
     return kind in ("f", "i", "u") and getattr(value, "ndim", 1) == 0
 
 
-def check_weight_columns(dataset, source: str) -> None:
+def check_weight_columns(dataset, source: str, null_rows: bool = False) -> None:
     """Every row's `chosen_weights` / `rejected_weights` (when the columns exist, both or neither): a list of
-    finite numbers within float32's range. Numeric list columns are checked in bulk with numpy; other column
-    types are read row by row. The token counts are checked at tokenisation (they need the tokenizer)."""
+    finite numbers within float32's range (`null_rows=True`: or null, a pair `tisdpo estimate-weights` wrote no
+    weights for). Numeric list columns are checked in bulk with numpy; other column types are read row by row. The
+    token counts are checked at tokenisation (they need the tokenizer)."""
     import numpy as np
     import pyarrow as pa
 
@@ -307,15 +361,78 @@ def check_weight_columns(dataset, source: str) -> None:
             row = None
         rows = range(len(dataset)) if row is None else [row]
         for i in rows:
+            value = dataset[i][column]
+            if value is None and null_rows:
+                continue
             try:
-                weight_values(dataset[i][column], column)
+                weight_values(value, column)
             except InputError as err:
                 raise InputError(f"{source}, row {i}: {err}") from None
 
 
+LOGP_TOLERANCE = 1e-3
+
+
+def check_ref_logp_columns(dataset, source: str) -> None:
+    """Per-token reference log-prob columns (`ref_chosen_token_logps`, `ref_rejected_token_logps`), when present,
+    hold log-probabilities: finite and <= 0 (up to `LOGP_TOLERANCE`, float rounding). A positive value is most
+    likely a negative log-likelihood passed by mistake; `InputError` names the row, the column and the index."""
+    import numpy as np
+
+    present = [c for c in REF_COLUMNS if c in dataset.column_names]
+    if not present:
+        return
+    table = dataset.select_columns(present).flatten_indices().data.table
+    for column in present:
+        arrow = table.column(column).combine_chunks()
+        values = arrow.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = ~np.isfinite(values) | (values > LOGP_TOLERANCE)
+        if not bad.any():
+            continue
+        first = int(np.argmax(bad))
+        offsets = arrow.offsets.to_numpy() - int(arrow.offsets[0].as_py())
+        row = int(np.searchsorted(offsets, first, side="right") - 1)
+        value = values[first]
+        why = ("log-probs are <= 0; a negative log-likelihood (-log p) passed by mistake?" if np.isfinite(value)
+               else "log-probs must be finite")
+        raise InputError(f"{source}, row {row}: `{column}`[{first - offsets[row]}] is {value:g} ({why})")
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer", "function", "ipython")
+
+
+def check_chat_messages(example: dict[str, Any]) -> None:
+    """In a conversational example (`chosen` is a list of messages), every message of `prompt`, `chosen` and
+    `rejected` must be an object with a known `role` (`CHAT_ROLES`) and a `content`; `InputError` names the field,
+    the message and the role (callers add the file and the row). Other examples pass unchecked."""
+    chosen = example.get("chosen")
+    if not (isinstance(chosen, list) and chosen and all(isinstance(m, dict) for m in chosen)):
+        return
+    for column in ("prompt", "chosen", "rejected"):
+        messages = example.get(column)
+        if messages is None and column == "prompt":
+            continue
+        if not isinstance(messages, list):
+            raise InputError(f"`{column}` must be a list of messages like `chosen`, got {type(messages).__name__}")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise InputError(f"`{column}`[{i}] must be a message object with `role` and `content`, got "
+                                 f"{type(message).__name__}")
+            keys = [str(k) for k, v in message.items() if v is not None]  # a datasets row fills absent keys with None
+            if message.get("role") is None:
+                raise InputError(f"`{column}`[{i}] has no `role` (keys: {', '.join(keys)}); each message needs `role` "
+                                 "and `content`")
+            if message["role"] not in CHAT_ROLES:
+                raise InputError(f"`{column}`[{i}] has the unknown role {message['role']!r} (roles: "
+                                 f"{', '.join(CHAT_ROLES)})")
+            if message.get("content") is None and message.get("tool_calls") is None:
+                raise InputError(f"`{column}`[{i}] has no `content` (keys: {', '.join(keys)})")
+
+
 def check_preference_data(dataset, source: str) -> None:
-    """The columns of a preference dataset (`chosen` and `rejected`, or already tokenised ids) and its weight
-    columns; `source` (the file or hub name) leads every message."""
+    """The columns of a preference dataset (`chosen` and `rejected`, or already tokenised ids), its weight and
+    reference log-prob columns and, in conversational data, every message's role (`check_chat_messages`);
+    `source` (the file or hub name) leads every message."""
     columns = dataset.column_names
     if len(dataset) == 0:
         raise InputError(f"{source}: has no rows (no preference pairs)")
@@ -325,6 +442,16 @@ def check_preference_data(dataset, source: str) -> None:
             raise InputError(f"{source}: no {' or '.join(f'`{c}`' for c in missing)} column (columns: "
                              f"{', '.join(columns)}); a preference dataset needs `chosen` and `rejected`")
     check_weight_columns(dataset, source)
+    check_ref_logp_columns(dataset, source)
+    first = dataset[0]
+    if isinstance(first.get("chosen"), list):
+        texts = [c for c in ("prompt", "chosen", "rejected") if c in columns]
+        values = {c: dataset[c] for c in texts}
+        for i in range(len(dataset)):
+            try:
+                check_chat_messages({c: values[c][i] for c in texts})
+            except InputError as err:
+                raise InputError(f"{source}, row {i}: {err}") from None
 
 
 def diagnose_json_lines(path: str) -> None:
@@ -380,14 +507,24 @@ _REASON_TEXT = {
 }
 
 
-def _reasons_batch(batch: dict[str, list]) -> dict[str, list]:
+def _reasons_batch(batch: dict[str, list], indices: list[int], name: str) -> dict[str, list]:
     keys = list(batch)
-    return {"reason": [pair_drop_reason({k: batch[k][i] for k in keys}) or "" for i in range(len(batch[keys[0]]))]}
+    reasons = []
+    for i, index in enumerate(indices):
+        row = {k: batch[k][i] for k in keys}
+        try:  # a message without a role would read as an empty response: say what is wrong instead
+            check_chat_messages(row)
+        except InputError as err:
+            raise InputError(f"{name} row {index}: {err}") from None
+        reasons.append(pair_drop_reason(row) or "")
+    return {"reason": reasons}
 
 
 def drop_degenerate_pairs(dataset, name: str = "train", num_proc: int | None = None):
-    """`dataset` without the pairs `tisdpo.formats.pair_drop_reason` rejects; their count per reason goes to the log."""
-    reasons = dataset.map(_reasons_batch, batched=True, remove_columns=dataset.column_names, num_proc=num_proc,
+    """`dataset` without the pairs `tisdpo.formats.pair_drop_reason` rejects; their count per reason goes to the log.
+    A conversational row with a bad message (`check_chat_messages`) is an `InputError` naming `name` and the row."""
+    reasons = dataset.map(_reasons_batch, batched=True, with_indices=True, fn_kwargs={"name": name},
+                          remove_columns=dataset.column_names, num_proc=num_proc,
                           desc=f"Checking {name} preference pairs")["reason"]
     counts = Counter(r for r in reasons if r)
     if not counts:

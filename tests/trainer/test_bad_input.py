@@ -16,7 +16,8 @@ from tisdpo import TISDPOConfig, TISDPOTrainer, cli
 from tisdpo.commands.arguments import parse_train_args
 from tisdpo.data import prepare_preference_dataset
 from tisdpo.response_weights import transform_token_weights
-from tisdpo.validation import InputError, resolve_resume_from_checkpoint
+from tisdpo.run_safety import resolve_resume_from_checkpoint, write_completion_marker
+from tisdpo.validation import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROW = {"prompt": "Name a fruit:", "chosen": " apple", "rejected": " rock"}
@@ -246,6 +247,7 @@ def test_help_imports_no_heavy_module():
 def test_resume_true_means_last_checkpoint(tmp_path):
     for step in (2, 10, 9):
         (tmp_path / f"checkpoint-{step}").mkdir()
+        write_completion_marker(str(tmp_path / f"checkpoint-{step}"))
     assert resolve_resume_from_checkpoint("true", str(tmp_path)) == str(tmp_path / "checkpoint-10")
     assert resolve_resume_from_checkpoint("false", str(tmp_path)) is None
     with pytest.raises(InputError, match="no such checkpoint directory"):

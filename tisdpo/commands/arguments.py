@@ -1,18 +1,30 @@
 """The argument helpers the `tisdpo` commands share: `TrainArguments` (what to train on), the YAML + flags parsing
-of `tisdpo train` (`parse_train_args`, also read by `tisdpo contrastive`), the `--config file.yaml` defaults of the
-argparse commands (`apply_yaml_defaults`, `parse_with_yaml`) and their flag types (`optional_int`, `auto_bool`).
+of `tisdpo train` (`parse_train_args`, also read by `tisdpo contrastive`) and its checks (`check_train_inputs`),
+the `--config file.yaml` defaults of the argparse commands (`apply_yaml_defaults`, `parse_with_yaml`) and their
+flag types (`optional_int`, `auto_bool`).
 Bad input is an `InputError` naming the file, the line and the field, or an argparse usage error (exit status 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 from ..config import TISDPOConfig
-from ..validation import accept_none_strings, check_option_values, load_yaml_mapping, unknown_option_message
+from ..validation import (
+    InputError,
+    accept_none_strings,
+    check_data_source,
+    check_model_path,
+    check_option_values,
+    check_output_dir,
+    config_path_of,
+    load_yaml_mapping,
+    unknown_option_message,
+)
 
 
 @dataclass
@@ -80,12 +92,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainArguments, TISDPOConfig]:
     a value of the wrong type or a setting the config rejects is a usage error (exit status 2); a problem in the
     YAML file an ``InputError``. ``None`` (or ``none``, ``null``) sets an optional field to None."""
     parser, hints = _train_parser()
-    config_path = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            parser.error("--config needs a file name")
-        config_path, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
+    config_path, argv = config_path_of(argv)
     if config_path is not None:
         apply_yaml_defaults(parser, config_path, _train_fields(), hints)
     _, unknown = parser.parse_known_args(argv)
@@ -99,16 +106,25 @@ def parse_train_args(argv: list[str]) -> tuple[TrainArguments, TISDPOConfig]:
     return train_args, config
 
 
+def check_train_inputs(train_args: TrainArguments, config: TISDPOConfig) -> None:
+    """What `tisdpo train` and `tisdpo contrastive` check before loading anything: the model, reference and
+    tokenizer paths, the data source, `--max_train_samples` and `--output_dir` (`InputError` naming the option)."""
+    for option in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path"):
+        check_model_path(getattr(train_args, option), f"--{option}", option.partition("_")[0])
+    check_data_source(train_args.dataset_name, "--dataset_name")
+    if train_args.max_train_samples is not None and train_args.max_train_samples < 1:
+        raise InputError(f"--max_train_samples must be >= 1 (or None: all pairs), got {train_args.max_train_samples}")
+    check_output_dir(config.output_dir)
+
+
 def parse_with_yaml(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse ``argv``; a ``--config file.yaml`` mapping of option names (``batch_size`` or ``batch-size``)
     supplies defaults that flags on the command line override. The file may be the one ``tisdpo train``
     reads: fields of ``TrainArguments`` / ``TISDPOConfig`` are accepted (those this command shares, such as
     ``max_length`` or ``padding_free``, are used; the others are ignored); any other key is an error."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-    if known.config is not None:
-        apply_yaml_defaults(parser, known.config, {a.dest for a in parser._actions} | _train_fields())
+    config_path, rest = config_path_of(list(sys.argv[1:] if argv is None else argv))
+    if config_path is not None:
+        apply_yaml_defaults(parser, config_path, {a.dest for a in parser._actions} | _train_fields())
     args = parser.parse_args(rest)
     ours = {a.dest for a in parser._actions}
     return argparse.Namespace(**{k: v for k, v in vars(args).items() if k in ours})

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from .. import contrastive
 from ..contrastive import CONTRASTIVE_LOSS_TYPES, train_contrastive_models
 from ..data import load_preference_dataset
-from ..validation import check_data_source, check_model_path, check_preference_data
-from .arguments import parse_train_args
+from ..run_safety import output_dir_lock
+from ..validation import check_preference_data
+from .arguments import check_train_inputs, parse_train_args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,9 +29,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     train_args, config = parse_train_args(rest)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for option in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path"):
-        check_model_path(getattr(train_args, option), f"--{option}")
-    check_data_source(train_args.dataset_name, "--dataset_name")
+    check_train_inputs(train_args, config)
+    with output_dir_lock(config.output_dir):
+        return _train(train_args, config, method)
+
+
+def _train(train_args, config, method: str) -> int:
     dataset = load_preference_dataset(train_args.dataset_name, split=train_args.dataset_train_split)
     if train_args.max_train_samples is not None:
         dataset = dataset.select(range(min(train_args.max_train_samples, len(dataset))))

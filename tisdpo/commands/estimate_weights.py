@@ -22,6 +22,7 @@ from ..data import load_preference_dataset, save_dataset
 from ..formats import TOKENIZATION_MODES, TRUNCATION_MODES
 from ..modeling import load_causal_lm
 from ..response_weights import WEIGHT_TRANSFORMS, transform_token_weights
+from ..validation import check_data_source, check_model_path
 from ..weights import (
     DEFAULT_SYSTEM_PROMPTS,
     METHODS,
@@ -94,6 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.eos_weight is not None and args.transform is None:
         parser.error("--eos-weight needs --transform")
 
+    for value, option, kind in ((args.plus_model, "--plus-model", "model"),
+                                (args.minus_model, "--minus-model", "model"),
+                                (args.tokenizer, "--tokenizer", "tokenizer")):
+        check_model_path(value, option, kind)
+    check_data_source(args.dataset, "--dataset")
     if args.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         parser.error("--device-map spreads one process's models over the GPUs: run it without torchrun")
     rank, device = _start_processes(args.device)

@@ -9,7 +9,9 @@ from collections.abc import Sequence
 
 from .. import visualize
 from ..data import load_preference_dataset
+from ..formats import WEIGHT_COLUMNS
 from ..response_weights import WEIGHT_TRANSFORMS
+from ..validation import InputError, check_data_source, check_model_path, check_weight_columns
 from ..visualize import render_html, render_png
 
 
@@ -28,7 +30,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eos-weight", type=float, default=None)
     parser.add_argument("--num-pairs", type=int, default=8)
     args = parser.parse_args(argv)
+    check_data_source(args.dataset, "--dataset")
+    check_model_path(args.tokenizer, "--tokenizer", "tokenizer")
     dataset = load_preference_dataset(args.dataset, split=args.split)
+    missing = [c for c in WEIGHT_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise InputError(f"{args.dataset}: no {' or '.join(f'`{c}`' for c in missing)} column (columns: "
+                         f"{', '.join(dataset.column_names)}); estimate weights first (tisdpo estimate-weights)")
+    check_weight_columns(dataset, args.dataset, null_rows=True)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     options = {"transform": args.transform, "transform_kwargs": args.transform_kwargs, "eos_weight": args.eos_weight,
                "max_pairs": args.num_pairs}
