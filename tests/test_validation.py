@@ -210,9 +210,9 @@ def test_non_finite_hidden_outside_the_responses_is_not_read(b):
 
 
 def test_overflow_inside_the_computation_is_named(b):
-    huge = torch.full_like(b.ref_logps, -3e38)  # finite, but M_c - M_r overflows float32
+    huge = torch.full_like(b.ref_logps, -3e38)  # finite log-probs, but the rejected sums -lpref overflow float32
     with pytest.raises(ValueError, match="the loss is not finite although every input"):
-        _call(b, ref_logps=huge.masked_fill(torch.arange(4)[:, None] >= 2, 3e38))
+        _call(b, ref_logps=huge.masked_fill(torch.arange(4)[:, None] < 2, -1.0))
 
 
 def test_batch_without_pairs_raises_padded_and_packed(b):
@@ -222,3 +222,17 @@ def test_batch_without_pairs_raises_padded_and_packed(b):
     with pytest.raises(ValueError, match="cu_seqlens"):
         _call(b, hidden=fields["hidden"][:0], labels=fields["labels"][:0], ref_logps=fields["ref_logps"][:0],
               cu_seqlens=cu[:1])
+
+
+def test_positive_ref_logps_are_refused(b):
+    """A negative log-likelihood passed as `ref_logps` (positive values) is refused by name; values at ignored
+    positions are not read, and log-softmax rounding just above 0 passes."""
+    valid = b.labels != IGNORE
+    nll = -b.ref_logps.clamp(max=0)
+    row, col = valid.nonzero()[0].tolist()
+    nll[row, col] = 2.5 + nll.max()  # the largest value, named in the message
+    with pytest.raises(ValueError, match=r"^ref_logps must be log-probabilities .* largest value is"):
+        _call(b, ref_logps=nll)
+    near_zero = torch.where(valid, torch.full_like(b.ref_logps, 1e-6), torch.full_like(b.ref_logps, 5.0))
+    loss, _ = _call(b, ref_logps=near_zero)
+    assert torch.isfinite(loss)

@@ -94,6 +94,15 @@ def _check_token_tensor(name, t, labels_shape, valid_mask):
         raise ValueError(f"{name} has non-finite values (NaN/inf) at response positions")
 
 
+def _check_log_probs(name, t, valid_mask):
+    """Log-probabilities are <= 0; the bound leaves 1e-3 for rounding of a log-softmax computed elsewhere (bf16
+    logits give |errors| far below it), so a positive value is a negative log-likelihood passed by mistake."""
+    values = t[valid_mask]
+    if values.numel() and bool((values > 1e-3).any()):
+        raise ValueError(f"{name} must be log-probabilities (<= 0 at response positions); its largest value is "
+                         f"{float(values.max()):g}: a negative log-likelihood (-log p) passed by mistake?")
+
+
 def _check_cu_seqlens(cu_seqlens, n_tokens):
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError("cu_seqlens must be an int32/int64 tensor [2B+1]")
@@ -359,6 +368,7 @@ def fused_tis_dpo_loss(
     valid = labels != ignore_index
     if ref_logps is not None:
         _check_token_tensor("ref_logps", ref_logps, labels.shape, valid)
+        _check_log_probs("ref_logps", ref_logps, valid)
     else:
         _check_linear(ref_hidden, ref_weight, ref_bias, None, ignore_index, prefix="ref_")
         check_ref_head(hidden, weight, ref_hidden, ref_weight, same_dtype=False)  # the torch path takes any pair
