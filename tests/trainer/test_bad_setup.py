@@ -139,6 +139,17 @@ def test_model_directory_without_config_json(tok, tmp_path, capsys, no_model_loa
     assert (status, err) == (2, f"tisdpo: error: --plus-model: {phrase}")
 
 
+def test_reference_model_directory_is_checked_as_a_model(tok, tmp_path, capsys, model_dir, no_model_loading):
+    """`--ref_model_name_or_path` is a model path: a saved model passes the check, a tokenizer-only directory is
+    one line (this option once crashed the check with a KeyError)."""
+    only_tokenizer = tmp_path / "tok-only"
+    tok.save_pretrained(only_tokenizer)
+    data = _write_lines(tmp_path / "data.jsonl", [json.dumps(ROW)])
+    argv = _train_argv(model_dir, data, tmp_path) + ["--ref_model_name_or_path", str(only_tokenizer)]
+    assert _run(argv, capsys) == (2, f"tisdpo: error: --ref_model_name_or_path: '{only_tokenizer}' is a directory "
+                                     "without config.json (not a saved model)")
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--beta", "inf", "`beta` must be a finite number, got inf"),
     ("--learning_rate", "nan", "`learning_rate` must be a finite number, got nan"),

@@ -109,8 +109,9 @@ def parse_train_args(argv: list[str]) -> tuple[TrainArguments, TISDPOConfig]:
 def check_train_inputs(train_args: TrainArguments, config: TISDPOConfig) -> None:
     """What `tisdpo train` and `tisdpo contrastive` check before loading anything: the model, reference and
     tokenizer paths, the data source, `--max_train_samples` and `--output_dir` (`InputError` naming the option)."""
-    for option in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path"):
-        check_model_path(getattr(train_args, option), f"--{option}", option.partition("_")[0])
+    for option, kind in (("model_name_or_path", "model"), ("ref_model_name_or_path", "model"),
+                         ("tokenizer_name_or_path", "tokenizer")):
+        check_model_path(getattr(train_args, option), f"--{option}", kind)
     check_data_source(train_args.dataset_name, "--dataset_name")
     if train_args.max_train_samples is not None and train_args.max_train_samples < 1:
         raise InputError(f"--max_train_samples must be >= 1 (or None: all pairs), got {train_args.max_train_samples}")
