@@ -294,9 +294,10 @@ class TISDPOConfig(TrainingArguments):
             "are tokenised on their own, so the response tokens are those a model generates after the prompt's "
             "tokens at inference (where the prompt is tokenised alone) and do not depend on the prompt (which the "
             "system-prompt weight method P relies on). 'joint': TRL's convention, prompt + response tokenised "
-            "together and split after the prompt's tokens; a BPE merge across the boundary then yields a response "
-            "token that starts inside the prompt. Weight estimation (`tisdpo estimate-weights --tokenization`) must "
-            "use the same mode as training.",
+            "together and split where the prompt's own tokens and those of prompt + response diverge (TRL >= 1.16); "
+            "a BPE merge across the boundary then yields a response token that starts inside the prompt (the "
+            "prompt loses its last tokens, the response keeps all its text). Weight estimation "
+            "(`tisdpo estimate-weights --tokenization`) must use the same mode as training.",
             "choices": list(TOKENIZATION_MODES),
         },
     )

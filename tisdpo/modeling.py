@@ -25,6 +25,7 @@ from .data import IGNORE_INDEX
 from .distributed import head_forward
 from .formats import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
 from .prefix import PREFIX_DOC_IDS, prefix_model_inputs
+from .pretrained import load_pretrained_model
 
 # Attention implementations for which transformers turns packed `position_ids` (no attention mask) into exact
 # per-sequence attention: varlen kernels for flash attention, a block-diagonal mask for the others.
@@ -199,10 +200,8 @@ def dataset_fingerprint(dataset) -> str:
 
 
 def load_causal_lm(name_or_path: str, *, device: str, dtype: str | None = None):
-    """``AutoModelForCausalLM.from_pretrained`` in eval mode on ``device``; ``dtype`` default: bfloat16
-    on a CUDA device that supports it, float32 otherwise."""
-    from transformers import AutoModelForCausalLM
-
+    """``AutoModelForCausalLM.from_pretrained`` (a ``.gguf`` file included: ``tisdpo.pretrained``) in eval mode on
+    ``device``; ``dtype`` default: bfloat16 on a CUDA device that supports it, float32 otherwise."""
     if dtype is None:
         on_cuda = str(device).startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         resolved = torch.bfloat16 if on_cuda else torch.float32
@@ -210,4 +209,4 @@ def load_causal_lm(name_or_path: str, *, device: str, dtype: str | None = None):
         resolved = getattr(torch, dtype, None)
         if not isinstance(resolved, torch.dtype):
             raise ValueError(f"dtype must name a torch dtype (e.g. bfloat16), got {dtype!r}")
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolved).to(device).eval()
+    return load_pretrained_model(name_or_path, dtype=resolved).to(device).eval()

@@ -197,9 +197,13 @@ def _path_like(value: str) -> bool:
 
 
 def check_model_path(value: str | None, option: str) -> None:
-    """A model (or tokenizer) given as a local path must be a directory holding a saved model; a hub id
-    (`name` or `namespace/name`) that is not a local directory is left to transformers."""
+    """A model (or tokenizer) given as a local path must be a directory holding a saved model or a `.gguf` file;
+    a hub id (`name` or `namespace/name`) that is not a local directory is left to transformers."""
     if value is None:
+        return
+    if value.lower().endswith(".gguf"):
+        if not os.path.isfile(value):
+            raise InputError(f"{option}: no such GGUF file: {value!r}")
         return
     if os.path.isdir(value):
         saved = ("config.json", "adapter_config.json", "tokenizer_config.json")
@@ -207,7 +211,7 @@ def check_model_path(value: str | None, option: str) -> None:
             raise InputError(f"{option}: {value!r} is a directory without config.json (not a saved model)")
         return
     if os.path.exists(value):
-        raise InputError(f"{option}: {value!r} is a file; give the directory of a saved model")
+        raise InputError(f"{option}: {value!r} is a file; give the directory of a saved model or a .gguf file")
     if _path_like(value):
         raise InputError(f"{option}: no such directory: {value!r}")
 

@@ -19,7 +19,7 @@ from ..validation import accept_none_strings, check_option_values, load_yaml_map
 class TrainArguments:
     """What to train on: the model, the reference model and the data."""
 
-    model_name_or_path: str = field(metadata={"help": "Policy model: hub name or local directory."})
+    model_name_or_path: str = field(metadata={"help": "Policy model: hub name, local directory or .gguf file."})
     dataset_name: str = field(
         metadata={"help": "Preference data: hub name, local JSON/JSONL/CSV/Parquet file, or save_to_disk directory."}
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from ..data import load_preference_dataset
+from ..pretrained import load_tokenizer
 from ..trainer import TISDPOTrainer
 from ..validation import (
     InputError,
@@ -42,9 +43,7 @@ def main(argv: list[str]) -> int:
         check_preference_data(eval_set, f"{train_args.dataset_name} [{train_args.dataset_test_split}]")
     tokenizer = None
     if train_args.tokenizer_name_or_path:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(train_args.tokenizer_name_or_path)
+        tokenizer = load_tokenizer(train_args.tokenizer_name_or_path)
     try:
         trainer = TISDPOTrainer(
             model=train_args.model_name_or_path,

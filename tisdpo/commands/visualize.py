@@ -9,14 +9,13 @@ from collections.abc import Sequence
 
 from .. import visualize
 from ..data import load_preference_dataset
+from ..pretrained import load_tokenizer
 from ..response_weights import WEIGHT_TRANSFORMS
 from ..visualize import render_html, render_png
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Draw token weights of preference pairs as an HTML page and a PNG figure."""
-    from transformers import AutoTokenizer
-
     parser = argparse.ArgumentParser(prog="tisdpo visualize", description=visualize.__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True,
                         help="dataset with weight columns (save_to_disk directory, JSON/JSONL/Parquet file, hub name)")
@@ -29,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-pairs", type=int, default=8)
     args = parser.parse_args(argv)
     dataset = load_preference_dataset(args.dataset, split=args.split)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     options = {"transform": args.transform, "transform_kwargs": args.transform_kwargs, "eos_weight": args.eos_weight,
                "max_pairs": args.num_pairs}
     for out in (render_html(dataset, tokenizer, os.path.join(args.output_dir, "weights.html"), **options),
