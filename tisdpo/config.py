@@ -464,10 +464,13 @@ class TISDPOConfig(TrainingArguments):
                 raise ValueError(f"`{name}` must be >= 1, got {value}")
 
     def _validate_loss(self) -> None:
-        # raises a ValueError naming loss_type / loss_weights / label_smoothing / discopop_tau on a bad value
-        loss_terms(self.loss_type, self.loss_weights, discopop_tau=self.discopop_tau)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"`label_smoothing` must lie in [0, 0.5), got {self.label_smoothing}")
+        # raises a ValueError naming loss_type / loss_weights / label_smoothing / discopop_tau on a bad value; the
+        # smoothing goes on where a loss type reads it ('exo_pair' needs one > 0), elsewhere it only warns (below)
+        smoothed = any(name in SMOOTHED_LOSS_TYPES for name in self.loss_type)
+        loss_terms(self.loss_type, self.loss_weights, label_smoothing=self.label_smoothing if smoothed else 0.0,
+                   discopop_tau=self.discopop_tau)
         if self.rpo_alpha is not None and "sft" in self.loss_type:
             raise ValueError("`rpo_alpha` is the deprecated form of an 'sft' term, and `loss_type` already has one; "
                              "set the 'sft' weight in `loss_weights` instead")

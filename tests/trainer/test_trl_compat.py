@@ -78,6 +78,22 @@ def test_unsupported_trl_fields_are_rejected_by_name(quick_args, kwargs, field):
         TISDPOConfig(**quick_args, **kwargs)
 
 
+def test_exo_pair_with_label_smoothing_trains(tok, quick_args):
+    """TRL's loss_type='exo_pair' with its epsilon (label_smoothing > 0, 1e-3 in the EXO paper) is accepted and
+    trains (with label_smoothing=0 it is refused: its loss would be infinite)."""
+    with pytest.raises(ValueError, match="label_smoothing"):
+        TISDPOConfig(**quick_args, loss_type="exo_pair")
+    args = TISDPOConfig(**dict(quick_args, max_steps=1), loss_type="exo_pair", label_smoothing=1e-3)
+    assert args.pair_loss_kwargs()["label_smoothing"] == 1e-3
+    trainer = TISDPOTrainer(tiny_llama(len(tok)), args=args, train_dataset=dataset_of(synthetic_pairs(3)),
+                            processing_class=tok)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 1 and torch.isfinite(torch.tensor(logged[0]["loss"]))
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
 def test_trl_style_script_runs(tok, quick_args):
     """Every trainer argument and config field of a TRL script: a custom TRL collator, compute_metrics, an
     (optimizer, scheduler) pair, the deprecated pad_token; train, evaluate, save (with a model card)."""
