@@ -216,7 +216,8 @@ class TISDPOTrainer(Trainer):
 
     Args:
         model: a `PreTrainedModel` with an output embedding (LM head), or a hub name / local path (a `.gguf` file
-            included, dequantized on load) loaded with `args.model_init_kwargs` (bfloat16 on a CUDA device with bf16 support unless a dtype is given).
+            included, dequantized on load) loaded with `args.model_init_kwargs` (bfloat16 on a CUDA device with bf16
+            support unless a dtype is given).
         ref_model: the frozen reference model (or its name/path); default: a frozen copy of the initial `model`
             (reloaded from its name/path if it was given as one), built when first needed; or, with PEFT, the
             base model with the adapter disabled. Unused with `loss_type="sft"`.

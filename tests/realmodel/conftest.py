@@ -9,7 +9,6 @@ import os
 import time
 
 import pytest
-import torch
 
 from tisdpo.pretrained import KNOWN_MODELS, cache_dir, fetch_model
 

@@ -64,8 +64,7 @@ def test_fetch_model_writes_once_and_reuses(smollm2_dir, capsys):
 
 def test_model_shape_and_tied_head(smollm2_fp32):
     model = smollm2_fp32
-    assert type(model).__name__ == "LlamaForCausalLM" and not hasattr(model, "hf_quantizer") or \
-        model.hf_quantizer is None
+    assert type(model).__name__ == "LlamaForCausalLM" and getattr(model, "hf_quantizer", None) is None
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert tuple(model.lm_head.weight.shape) == (49152, 576)
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
@@ -188,7 +187,36 @@ def test_boundary_keeps_every_character(smollm2_tokenizer, mode):
         assert first == "Ġgrape" and tok.decode(space["prompt_input_ids"]) == "The answer:"
         assert tok.decode(split["chosen_input_ids"]).startswith(" fruit")
     else:
-        assert first == "gr" or not first.startswith("Ġ")
+        assert not first.startswith("Ġ")  # the response's own first token: no space in front
         assert tok.decode(space["prompt_input_ids"]) == "The answer: "
     for row in CHAT:  # the chat template ends the prompt on a token boundary: both modes agree
         assert tokenize_row(row, tok, tokenization="joint") == tokenize_row(row, tok)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# method P through the chat template
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["separate", "joint"])
+def test_method_p_through_the_chat_template(smollm2_fp32, smollm2_tokenizer, tmp_path, mode):
+    """Method P on dialogues: each response scored under the harmless and the harmful system prompt
+    (`DEFAULT_SYSTEM_PROMPTS`, rendered by SmolLM2's chat template in place of its default system message) gives
+    one finite weight per response token of the trainer's tokenisation, and the two prompts give different
+    log-probs (weights not all 0)."""
+    import datasets
+
+    from tisdpo.weights import DEFAULT_SYSTEM_PROMPTS, estimate_token_weights, with_system_prompt
+
+    tok = smollm2_tokenizer
+    good, bad = DEFAULT_SYSTEM_PROMPTS
+    rendered = tok.apply_chat_template(with_system_prompt(CHAT[0], good)["prompt"], tokenize=False)
+    assert rendered.startswith(f"<|im_start|>system\n{good}<|im_end|>\n") and "SmolLM" not in rendered
+    out = estimate_token_weights(datasets.Dataset.from_list([dict(r) for r in CHAT]), smollm2_fp32, None, tok,
+                                 method="P", tokenization=mode, cache_dir=str(tmp_path), progress=False)
+    for i, row in enumerate(CHAT):
+        ids = tokenize_row(row, tok, tokenization=mode)
+        for side in ("chosen", "rejected"):
+            weights = torch.tensor(out[i][f"{side}_weights"])
+            assert weights.shape == (len(ids[f"{side}_input_ids"]),), (i, side)
+            assert torch.isfinite(weights).all() and weights.abs().max() > 1e-3, (i, side, weights)

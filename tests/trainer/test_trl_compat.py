@@ -227,7 +227,8 @@ def test_differences_from_trl_are_logged_once(tok, quick_args, caplog):
 def test_joint_tokenization_is_trls_and_reaches_weight_estimation(tok, tmp_path):
     """tokenization='joint' equals a transcription of TRL 1.16's rule (prompt and prompt+response tokenised, the
     prompt is their common prefix with both responses, each response what follows it, the EOS text appended
-    first); 'separate' differs on this boundary-merging pair; estimate_token_weights writes one weight per token of the convention it is given."""
+    first); 'separate' differs on this boundary-merging pair; estimate_token_weights writes one weight per token of
+    the convention it is given."""
     from tisdpo.weights import estimate_token_weights
 
     prompt_ids = tok(BOUNDARY["prompt"])["input_ids"]
