@@ -16,22 +16,45 @@ from tisdpo.validation import InputError, check_model_path
 
 @pytest.fixture
 def stand_in(monkeypatch, tmp_path):
-    """`fetch_model("smollm2")` dequantizes a tiny Llama instead (counted in `loads`), from a placeholder file."""
+    """A `.gguf` file loads as a tiny Llama (the paths it was loaded from are counted in the returned list) whose
+    config keeps a GGUF `quantization_config`, as transformers leaves it; `fetch_model("smollm2")` finds such a
+    placeholder file."""
+    from transformers import AutoModelForCausalLM
+
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     loads = []
 
-    def load(path, **kwargs):
-        loads.append(path)
-        model = tiny_llama(len(build_tokenizer()))
-        model.config.quantization_config = {"quant_method": "gguf"}  # as transformers leaves a GGUF-loaded config
+    def from_pretrained(source, gguf_file=None, dtype=None, **kwargs):
+        assert gguf_file is not None, "only GGUF files are stood in for"
+        loads.append(os.path.join(source, gguf_file))
+        model = tiny_llama(len(build_tokenizer())).to(dtype or torch.float32).eval()
+        model.config.quantization_config = {"quant_method": "gguf"}
         return model
 
+    def source(path):
+        return (os.path.dirname(path), {"gguf_file": os.path.basename(path)}) if pretrained.is_gguf(path) else (
+            path, {})
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(pretrained, "pretrained_source", source)  # no `gguf` package needed
     monkeypatch.setattr(pretrained, "gguf_path", lambda name: str(gguf))
-    monkeypatch.setattr(pretrained, "load_pretrained_model", load)
     monkeypatch.setattr(pretrained, "load_tokenizer", lambda path, **kwargs: build_tokenizer())
     monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "cache"))
     return loads
+
+
+def test_gguf_model_loads_as_a_plain_model(stand_in, tmp_path):
+    """A GGUF-loaded model comes back without transformers' GGUF quantizer (which refuses training and saving):
+    same weights, dtype and mode, no `quantization_config`."""
+    model = pretrained.load_pretrained_model(str(tmp_path / "model.gguf"), dtype=torch.float64)
+    assert stand_in == [str(tmp_path / "model.gguf")]
+    assert getattr(model.config, "quantization_config", None) is None
+    assert getattr(model, "hf_quantizer", None) is None and not model.training
+    source = tiny_llama(len(build_tokenizer()))
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.float64
+        torch.testing.assert_close(param, source.get_parameter(name).double(), rtol=0, atol=0)
 
 
 def test_fetch_model_writes_once_then_reuses(stand_in, tmp_path):
@@ -41,9 +64,9 @@ def test_fetch_model_writes_once_then_reuses(stand_in, tmp_path):
     assert any("dequantizing" in line for line in lines) and "saved" in lines[-1]
     assert os.listdir(tmp_path / "cache") == ["smollm2"]  # the temporary directory was renamed into place
     assert oct(os.stat(path).st_mode & 0o777) != oct(0o700)
-    from transformers import AutoModelForCausalLM
+    from transformers import LlamaForCausalLM
 
-    saved = AutoModelForCausalLM.from_pretrained(path)
+    saved = LlamaForCausalLM.from_pretrained(path)
     assert getattr(saved.config, "quantization_config", None) is None
     assert all(p.dtype == torch.bfloat16 for p in saved.parameters())
     source = tiny_llama(len(build_tokenizer()))

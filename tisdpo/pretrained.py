@@ -73,12 +73,30 @@ def pretrained_source(name_or_path: str) -> tuple[str, dict[str, str]]:
     return folder, {"gguf_file": filename}
 
 
+def without_gguf_quantizer(model):
+    """A GGUF-loaded model as a plain one: transformers dequantizes the weights but keeps its GGUF quantizer on the
+    model and in the config, so that the model can be neither trained ("purely quantized") nor saved. The copy has
+    the same config without `quantization_config`, the same weights, dtype, attention, device and mode."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype,
+                                             attn_implementation=getattr(config, "_attn_implementation", None))
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain.to(model.device).train(model.training)
+
+
 def load_pretrained_model(name_or_path: str, **kwargs: Any):
-    """`AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)`, a `.gguf` file included (dequantized)."""
+    """`AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)`, a `.gguf` file included (dequantized, a
+    plain model: `without_gguf_quantizer`)."""
     from transformers import AutoModelForCausalLM
 
     source, extra = pretrained_source(name_or_path)
-    return AutoModelForCausalLM.from_pretrained(source, **extra, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, **extra, **kwargs)
+    return without_gguf_quantizer(model) if extra else model
 
 
 def load_tokenizer(name_or_path: str, **kwargs: Any):
@@ -137,12 +155,11 @@ def _readable(folder: str) -> None:
 def fetch_model(name: str, output: str | None = None, progress: Callable[[str], None] | None = None) -> str:
     """The directory of known model `name` converted to a bfloat16 `save_pretrained` directory (model and
     tokenizer), written once: `output` (default `<cache_dir()>/<name>`) is reused when it already holds a saved
-    model. The GGUF file is dequantized by transformers (minutes on a small CPU), its state dict copied into a fresh
-    model of the same config (transformers refuses to save a GGUF-loaded model) and saved to a temporary directory
-    beside `output`, renamed into place when complete. `progress`: called with one line per stage (default: print
-    to stderr). Returns `output`."""
+    model. The GGUF file is dequantized by transformers (minutes on a small CPU), copied into a plain model of the
+    same config (`without_gguf_quantizer`: transformers refuses to save a GGUF-loaded model) and saved to a
+    temporary directory beside `output`, renamed into place when complete. `progress`: called with one line per
+    stage (default: print to stderr). Returns `output`."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     _known(name)
@@ -156,16 +173,9 @@ def fetch_model(name: str, output: str | None = None, progress: Callable[[str], 
     start = time.perf_counter()
     say(f"{name}: dequantizing {os.path.basename(path)} with transformers (takes a few minutes on a CPU, "
         f"once; the result goes to {output})")
-    gguf_model = load_pretrained_model(path, dtype=torch.float32)
+    model = load_pretrained_model(path, dtype=torch.float32).to(torch.bfloat16)
     tokenizer = load_tokenizer(path)
     say(f"{name}: dequantized in {time.perf_counter() - start:.0f} s; saving bfloat16 weights and the tokenizer")
-    config = copy.deepcopy(gguf_model.config)
-    if hasattr(config, "quantization_config"):  # else the saved directory reloads as a GGUF-quantized model
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.load_state_dict(gguf_model.state_dict())
-    model.generation_config = gguf_model.generation_config
-    del gguf_model
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", dir=parent)

@@ -14,7 +14,7 @@ from tests.tolerance import assert_close_to_truth, eps_floor, rel_err
 from tests.trl_reference import trl_tokenized
 from tisdpo import cli
 from tisdpo.data import IGNORE_INDEX, PreferenceCollator, apply_chat_template, tokenize_row
-from tisdpo.modeling import token_logps
+from tisdpo.modeling import load_causal_lm, token_logps
 from tisdpo.pretrained import fetch_model, gguf_path, load_tokenizer, pretrained_source
 from tisdpo.validation import check_model_path
 
@@ -70,9 +70,20 @@ def test_model_shape_and_tied_head(smollm2_fp32):
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
 
 
-def test_gguf_paths_are_model_paths(smollm2_dir, smollm2_tokenizer):
-    """A `.gguf` file is accepted where a model or tokenizer path is: its tokenizer equals the converted one."""
+def test_gguf_paths_are_model_paths(smollm2_fp32, smollm2_tokenizer):
+    """A `.gguf` file is accepted where a model or tokenizer path is: `load_causal_lm` gives a plain, trainable
+    model (no GGUF quantizer left) whose weights round to the converted directory's bf16 weights exactly, and its
+    tokenizer equals the converted one."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
     path = gguf_path("smollm2")
+    model = load_causal_lm(path, device="cpu", dtype="float32")
+    validate_quantization_for_training(model)  # raises for a GGUF-quantized model ("purely quantized")
+    assert getattr(model.config, "quantization_config", None) is None
+    converted = dict(smollm2_fp32.named_parameters())
+    for name, param in model.named_parameters():
+        assert torch.equal(param.to(torch.bfloat16).float(), converted[name]), name
+    del model
     check_model_path(path, "--model_name_or_path")
     assert pretrained_source(path) == (os.path.dirname(path), {"gguf_file": os.path.basename(path)})
     from_gguf = load_tokenizer(path)
