@@ -294,9 +294,10 @@ class TISDPOConfig(TrainingArguments):
             "are tokenised on their own, so the response tokens are those a model generates after the prompt's "
             "tokens at inference (where the prompt is tokenised alone) and do not depend on the prompt (which the "
             "system-prompt weight method P relies on). 'joint': TRL's convention, prompt + response tokenised "
-            "together and split after the prompt's tokens; a BPE merge across the boundary then yields a response "
-            "token that starts inside the prompt. Weight estimation (`tisdpo estimate-weights --tokenization`) must "
-            "use the same mode as training.",
+            "together and split where the prompt's own tokens and those of prompt + response diverge (TRL >= 1.16); "
+            "a BPE merge across the boundary then yields a response token that starts inside the prompt (the "
+            "prompt loses its last tokens, the response keeps all its text). Weight estimation "
+            "(`tisdpo estimate-weights --tokenization`) must use the same mode as training.",
             "choices": list(TOKENIZATION_MODES),
         },
     )
@@ -468,10 +469,13 @@ class TISDPOConfig(TrainingArguments):
                 raise ValueError(f"`{name}` must be >= 1, got {value}")
 
     def _validate_loss(self) -> None:
-        # raises a ValueError naming loss_type / loss_weights / label_smoothing / discopop_tau on a bad value
-        loss_terms(self.loss_type, self.loss_weights, discopop_tau=self.discopop_tau)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"`label_smoothing` must lie in [0, 0.5), got {self.label_smoothing}")
+        # raises a ValueError naming loss_type / loss_weights / label_smoothing / discopop_tau on a bad value; the
+        # smoothing goes on where a loss type reads it ('exo_pair' needs one > 0), elsewhere it only warns (below)
+        smoothed = any(name in SMOOTHED_LOSS_TYPES for name in self.loss_type)
+        loss_terms(self.loss_type, self.loss_weights, label_smoothing=self.label_smoothing if smoothed else 0.0,
+                   discopop_tau=self.discopop_tau)
         if self.rpo_alpha is not None and "sft" in self.loss_type:
             raise ValueError("`rpo_alpha` is the deprecated form of an 'sft' term, and `loss_type` already has one; "
                              "set the 'sft' weight in `loss_weights` instead")

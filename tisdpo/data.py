@@ -17,10 +17,11 @@ Data already tokenised by TRL (`prompt_ids`, `chosen_ids`, `rejected_ids`) is us
 A `datasets.IterableDataset` (streaming) is tokenised on the fly, weight columns included.
 
 Tokenisation at the prompt/response boundary (`tokenization`): `"separate"` (default) tokenises the prompt and each
-response on their own, `"joint"` (TRL's convention) tokenises prompt + response together and splits after the
-prompt's tokens. Special tokens are the tokenizer's own (as in TRL): the prompt gets what the tokenizer adds by
-itself (a Llama-style tokenizer's BOS; nothing for GPT-2 / Pythia-style tokenizers, so no BOS the model never sees
-at inference), each plain-text response gets the EOS token.
+response on their own, `"joint"` (TRL's convention) tokenises prompt + response together and splits where the
+tokens of the prompt alone and of prompt + response diverge (TRL >= 1.16; `_split_joint`). Special tokens are the
+tokenizer's own (as in TRL): the prompt gets what the tokenizer adds by itself (a Llama-style tokenizer's BOS;
+nothing for GPT-2 / Pythia-style tokenizers, so no BOS the model never sees at inference), each plain-text response
+gets the EOS token.
 
 The tokenised dataset has the columns `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids`
 (response tokens only) and, when present, the weight columns and the per-token reference log-prob columns
@@ -136,19 +137,34 @@ def _warn_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
-def _split_joint(tokenizer, prompt: str, response: str, special_tokens: bool) -> tuple[list[int], list[int]]:
-    """TRL's convention: tokenise `prompt` and `prompt + response`, the response is what follows the prompt's
-    tokens."""
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _split_joint(tokenizer, prompt: str, chosen: str, rejected: str,
+                 special_tokens: bool) -> tuple[list[int], list[int], list[int]]:
+    """TRL's convention (TRL >= 1.16): tokenise `prompt`, `prompt + chosen` and `prompt + rejected`; the prompt is
+    the longest common prefix of the prompt's tokens and both full sequences, each response what follows it. Where
+    tokens merge across the boundary (a prompt ending in a space, a word split between prompt and response) the
+    merged token goes to the responses and the prompt loses its last tokens: no response text is lost.
+    Returns `(prompt_ids, chosen_ids, rejected_ids)`."""
     prompt_ids = _encode(tokenizer, prompt, special_tokens)
-    full = _encode(tokenizer, prompt + response, special_tokens)
-    if full[: len(prompt_ids)] != prompt_ids:
+    chosen_full = _encode(tokenizer, prompt + chosen, special_tokens)
+    rejected_full = _encode(tokenizer, prompt + rejected, special_tokens)
+    n_prompt = min(_common_prefix_length(prompt_ids, chosen_full), _common_prefix_length(prompt_ids, rejected_full))
+    if n_prompt < len(prompt_ids):
         _warn_once(
             "joint-prefix",
             "tokenization='joint': the tokens of a prompt are not a prefix of the tokens of prompt + response (a "
-            "merge across the boundary); the response is taken as the tokens after the prompt's token count, as TRL "
-            "does.",
+            "merge across the boundary); as TRL does, the prompt is cut where they diverge "
+            f"({tokenizer.decode(prompt_ids[n_prompt:])!r} moves into the responses' first token).",
         )
-    return prompt_ids, full[len(prompt_ids):]
+    return prompt_ids[:n_prompt], chosen_full[n_prompt:], rejected_full[n_prompt:]
 
 
 def tokenize_row(
@@ -168,9 +184,9 @@ def tokenize_row(
     response gets the EOS token at its end (when the tokenizer defines one and the text does not already end with
     it). A plain-text prompt ending in a space gets a warning (once): its tokens are not those of normal text.
     Chat-template text is tokenised as rendered. `tokenization`: `"separate"` (prompt and each response on their
-    own) or `"joint"` (TRL's: prompt + response together, the response being the tokens after the prompt's; see
-    `TISDPOConfig.tokenization`). Weight columns, when present, must hold one float per response token of this
-    tokenisation, either of the whole response (they are truncated together with the tokens) or of the part the
+    own) or `"joint"` (TRL's: prompt + response together, the prompt being the tokens the prompt alone shares with
+    both; see `TISDPOConfig.tokenization`). Weight columns, when present, must hold one float per response token of
+    this tokenisation, either of the whole response (they are truncated together with the tokens) or of the part the
     truncation keeps (as `tisdpo estimate-weights` writes them under the same truncation options).
 
     Returns `{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"[, "chosen_weights",
@@ -206,8 +222,7 @@ def tokenize_row(
         if eos is not None:  # TRL appends the EOS text before tokenising
             chosen, rejected = (text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token
                                 for text in (chosen, rejected))
-        prompt_ids, chosen_ids = _split_joint(tokenizer, prompt, chosen, plain)
-        rejected_ids = _split_joint(tokenizer, prompt, rejected, plain)[1]
+        prompt_ids, chosen_ids, rejected_ids = _split_joint(tokenizer, prompt, chosen, rejected, plain)
     else:
         prompt_ids = _encode(tokenizer, prompt, special_tokens=plain)
         chosen_ids, rejected_ids = _encode(tokenizer, chosen), _encode(tokenizer, rejected)

@@ -25,6 +25,7 @@ from .data import IGNORE_INDEX
 from .distributed import gathered_parameters, head_forward
 from .formats import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
 from .prefix import PREFIX_DOC_IDS, prefix_model_inputs
+from .pretrained import load_pretrained_model
 
 # Attention implementations for which transformers turns packed `position_ids` (no attention mask) into exact
 # per-sequence attention: varlen kernels for flash attention, a block-diagonal mask for the others.
@@ -217,12 +218,10 @@ def dataset_fingerprint(dataset) -> str:
 
 
 def load_causal_lm(name_or_path: str, *, device: str, dtype: str | None = None, device_map=None):
-    """``AutoModelForCausalLM.from_pretrained`` in eval mode on ``device``; ``dtype`` default: bfloat16
-    on a CUDA device that supports it, float32 otherwise. ``device_map`` (``"auto"``, ``"balanced"``,
-    ``"sequential"`` or a dict, transformers' meaning): the layers spread over the visible devices instead (a
-    model too large for one GPU); ``device`` then only picks the default dtype."""
-    from transformers import AutoModelForCausalLM
-
+    """``AutoModelForCausalLM.from_pretrained`` (a ``.gguf`` file included: ``tisdpo.pretrained``) in eval mode on
+    ``device``; ``dtype`` default: bfloat16 on a CUDA device that supports it, float32 otherwise. ``device_map``
+    (``"auto"``, ``"balanced"``, ``"sequential"`` or a dict, transformers' meaning): the layers spread over the
+    visible devices instead (a model too large for one GPU); ``device`` then only picks the default dtype."""
     if dtype is None:
         on_cuda = str(device).startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         resolved = torch.bfloat16 if on_cuda else torch.float32
@@ -231,5 +230,5 @@ def load_causal_lm(name_or_path: str, *, device: str, dtype: str | None = None, 
         if not isinstance(resolved, torch.dtype):
             raise ValueError(f"dtype must name a torch dtype (e.g. bfloat16), got {dtype!r}")
     if device_map is not None:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolved, device_map=device_map).eval()
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolved).to(device).eval()
+        return load_pretrained_model(name_or_path, dtype=resolved, device_map=device_map).eval()
+    return load_pretrained_model(name_or_path, dtype=resolved).to(device).eval()

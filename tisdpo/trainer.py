@@ -38,7 +38,7 @@ import torch
 from accelerate import PartialState
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments, set_seed
+from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 
 from tisdpo_kernels import fused_tis_dpo_loss
 from tisdpo_kernels.transforms import apply_weight_transform
@@ -72,6 +72,7 @@ from .modeling import (
 )
 from .offload import offload_activations
 from .prefix import PrefixSharedCollator, check_attention
+from .pretrained import load_pretrained_model, load_tokenizer
 from .response_weights import PER_RESPONSE_TRANSFORMS, transform_token_weights, warn_if_weightless
 from .run_safety import PreemptionCallback, resolve_resume_from_checkpoint, save_complete_checkpoint
 from .trl_compat import SyncRefModelCallback, TRLFeatureAliases, check_syncable, normalize_batch
@@ -216,8 +217,9 @@ class TISDPOTrainer(Trainer):
     The arguments are TRL `DPOTrainer`'s, in its order, with the same meaning.
 
     Args:
-        model: a `PreTrainedModel` with an output embedding (LM head), or a hub name / local path loaded with
-            `args.model_init_kwargs` (bfloat16 on a CUDA device with bf16 support unless a dtype is given).
+        model: a `PreTrainedModel` with an output embedding (LM head), or a hub name / local path (a `.gguf` file
+            included, dequantized on load) loaded with `args.model_init_kwargs` (bfloat16 on a CUDA device with bf16
+            support unless a dtype is given).
         ref_model: the frozen reference model (or its name/path); default: a frozen copy of the initial `model`
             (reloaded from its name/path if it was given as one), built when first needed; or, with PEFT, the
             base model with the adapter disabled. Unused with `loss_type="sft"`.
@@ -230,7 +232,7 @@ class TISDPOTrainer(Trainer):
             the fly; needs `max_steps`) in a TRL preference format (see `tisdpo.data`), optionally with
             `chosen_weights` / `rejected_weights` columns, or already tokenised (ours or TRL's columns);
             `eval_dataset` may be a dict of them.
-        processing_class: the tokenizer; default `AutoTokenizer.from_pretrained(model's name_or_path)`.
+        processing_class: the tokenizer; default the model's own (`tisdpo.pretrained.load_tokenizer`).
         compute_metrics: `EvalPrediction -> dict` called after evaluation. The fused head builds no logits, so
             what it gets is, per evaluation batch, the batch's metrics: `predictions` is a dict of float arrays
             `[batches]` (`rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/accuracies`,
@@ -280,14 +282,14 @@ class TISDPOTrainer(Trainer):
                 raise ValueError("`quantization_config` is given both as an argument and in `args.model_init_kwargs`")
             init_kwargs["quantization_config"] = quantization_config
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model, **init_kwargs)
+            model = load_pretrained_model(model, **init_kwargs)
         elif not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a model name/path or a PreTrainedModel, got {type(model).__name__}")
         elif args.model_init_kwargs:
             logger.warning("`model_init_kwargs` is ignored: `model` is already instantiated.")
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model_id or model.config._name_or_path,
-                                                             trust_remote_code=args.trust_remote_code)
+            processing_class = load_tokenizer(model_id or model.config._name_or_path,
+                                              trust_remote_code=args.trust_remote_code)
         if args.pad_token is not None:  # TRL's deprecated field (the config warned): its meaning, the pad token
             if args.pad_token not in processing_class.get_vocab():
                 raise ValueError(f"`pad_token` {args.pad_token!r} is not in the tokenizer's vocabulary")
@@ -310,7 +312,7 @@ class TISDPOTrainer(Trainer):
         if isinstance(ref_model, str):
             ref_kwargs = args.resolved_model_init_kwargs("ref_model")
             ref_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-            ref_model = AutoModelForCausalLM.from_pretrained(ref_model, **ref_kwargs)
+            ref_model = load_pretrained_model(ref_model, **ref_kwargs)
         if not needs_ref and ref_model is not None:
             raise ValueError("loss_type='sft' uses no reference model; do not pass `ref_model`")
         if args.sync_ref_model and is_peft_model(model):
@@ -440,7 +442,7 @@ class TISDPOTrainer(Trainer):
         """A function building the frozen reference: `model_id` reloaded (TRL's way: also right for a quantized
         model), else a deep copy of `model`, refused if its weights changed since construction."""
         if model_id is not None:
-            return lambda: AutoModelForCausalLM.from_pretrained(model_id, **init_kwargs)
+            return lambda: load_pretrained_model(model_id, **init_kwargs)
         initial = model_fingerprint(model, include_config=False)
 
         def copy_initial_policy():

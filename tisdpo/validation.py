@@ -251,10 +251,14 @@ def hub_unreachable(value: str, option: str, reason: str) -> InputError:
 
 def check_model_path(value: str | None, option: str, kind: str = "model") -> None:
     """A model (`kind="model"`: config.json or adapter_config.json) or tokenizer (`kind="tokenizer"`) given as a
-    local path must be a directory holding one; a hub id (`name` or `namespace/name`) that is not a local
-    directory is left to transformers, unless the hub is switched off (`hub_offline`) and the id is not in the
-    local hub cache."""
+    local path must be a directory holding one, or a `.gguf` file; a hub id (`name` or `namespace/name`) that is
+    not a local directory is left to transformers, unless the hub is switched off (`hub_offline`) and the id is
+    not in the local hub cache."""
     if value is None:
+        return
+    if value.lower().endswith(".gguf"):
+        if not os.path.isfile(value):
+            raise InputError(f"{option}: no such GGUF file: {value!r}")
         return
     if os.path.isdir(value):
         saved = _SAVED_FILES[kind]
@@ -263,7 +267,7 @@ def check_model_path(value: str | None, option: str, kind: str = "model") -> Non
             raise InputError(f"{option}: {value!r} is a directory without {what}")
         return
     if os.path.exists(value):
-        raise InputError(f"{option}: {value!r} is a file; give the directory of a saved {kind}")
+        raise InputError(f"{option}: {value!r} is a file; give the directory of a saved {kind} or a .gguf file")
     if _path_like(value):
         raise InputError(f"{option}: no such directory: {value!r}")
     if hub_offline() and not _in_hub_cache(value, _SAVED_FILES[kind][0]):

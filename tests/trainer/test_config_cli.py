@@ -158,7 +158,7 @@ def test_cli_dispatch(monkeypatch, capsys):
 def test_command_table_names_each_entry_point():
     """Every `COMMANDS` entry names a `main(argv)` of `tisdpo.commands` whose docstring starts with the summary the
     help prints."""
-    assert list(cli.COMMANDS) == ["train", "estimate-weights", "contrastive", "visualize", "demo"]
+    assert list(cli.COMMANDS) == ["train", "estimate-weights", "contrastive", "visualize", "demo", "fetch-model"]
     for name, (target, summary) in cli.COMMANDS.items():
         module_name, _, function = target.partition(":")
         assert module_name.startswith("tisdpo.commands.") and function == "main", name

@@ -49,6 +49,7 @@ ORACLE_CASES = {
     "mpo-ld-wpo-packed": dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], ld_alpha=0.5,
                               use_weighting=True, weight_transform="threshold", padding_free=True),
     "rpo-alpha-robust": dict(loss_type="robust", label_smoothing=0.2, rpo_alpha=0.5),
+    "exo-pair": dict(loss_type="exo_pair", label_smoothing=1e-3),
 }
 
 

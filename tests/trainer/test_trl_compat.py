@@ -78,6 +78,22 @@ def test_unsupported_trl_fields_are_rejected_by_name(quick_args, kwargs, field):
         TISDPOConfig(**quick_args, **kwargs)
 
 
+def test_exo_pair_with_label_smoothing_trains(tok, quick_args):
+    """TRL's loss_type='exo_pair' with its epsilon (label_smoothing > 0, 1e-3 in the EXO paper) is accepted and
+    trains (with label_smoothing=0 it is refused: its loss would be infinite)."""
+    with pytest.raises(ValueError, match="label_smoothing"):
+        TISDPOConfig(**quick_args, loss_type="exo_pair")
+    args = TISDPOConfig(**dict(quick_args, max_steps=1), loss_type="exo_pair", label_smoothing=1e-3)
+    assert args.pair_loss_kwargs()["label_smoothing"] == 1e-3
+    trainer = TISDPOTrainer(tiny_llama(len(tok)), args=args, train_dataset=dataset_of(synthetic_pairs(3)),
+                            processing_class=tok)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 1 and torch.isfinite(torch.tensor(logged[0]["loss"]))
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
 def test_trl_style_script_runs(tok, quick_args):
     """Every trainer argument and config field of a TRL script: a custom TRL collator, compute_metrics, an
     (optimizer, scheduler) pair, the deprecated pad_token; train, evaluate, save (with a model card)."""
@@ -209,16 +225,21 @@ def test_differences_from_trl_are_logged_once(tok, quick_args, caplog):
 
 
 def test_joint_tokenization_is_trls_and_reaches_weight_estimation(tok, tmp_path):
-    """tokenization='joint' equals a transcription of TRL's rule (prompt and prompt+response tokenised, the
-    response is what follows the prompt's tokens, the EOS text appended first); 'separate' differs on this
-    boundary-merging pair; estimate_token_weights writes one weight per token of the convention it is given."""
+    """tokenization='joint' equals a transcription of TRL 1.16's rule (prompt and prompt+response tokenised, the
+    prompt is their common prefix with both responses, each response what follows it, the EOS text appended
+    first); 'separate' differs on this boundary-merging pair; estimate_token_weights writes one weight per token of
+    the convention it is given."""
     from tisdpo.weights import estimate_token_weights
 
     prompt_ids = tok(BOUNDARY["prompt"])["input_ids"]
     chosen_full = tok(BOUNDARY["prompt"] + BOUNDARY["chosen"] + tok.eos_token)["input_ids"]
+    rejected_full = tok(BOUNDARY["prompt"] + BOUNDARY["rejected"] + tok.eos_token)["input_ids"]
+    n_prompt = min(_common_prefix(prompt_ids, chosen_full), _common_prefix(prompt_ids, rejected_full))
+    assert n_prompt < len(prompt_ids)  # the merge across the boundary this pair is made for
     joint = tokenize_row(BOUNDARY, tok, tokenization="joint")
     separate = tokenize_row(BOUNDARY, tok)
-    assert joint["prompt_input_ids"] == prompt_ids and joint["chosen_input_ids"] == chosen_full[len(prompt_ids):]
+    assert joint["prompt_input_ids"] == prompt_ids[:n_prompt] and joint["chosen_input_ids"] == chosen_full[n_prompt:]
+    assert joint["rejected_input_ids"] == rejected_full[n_prompt:]
     assert joint["chosen_input_ids"] != separate["chosen_input_ids"]
     ds = dataset_of([BOUNDARY, *synthetic_pairs(2)])
     model = tiny_llama(len(tok))
@@ -229,6 +250,53 @@ def test_joint_tokenization_is_trls_and_reaches_weight_estimation(tok, tmp_path)
         trainer_args = TISDPOConfig(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none", tokenization=mode)
         trainer = TISDPOTrainer(model, args=trainer_args, train_dataset=out, processing_class=tok)
         assert trainer.train_dataset[0]["chosen_weights"] == pytest.approx(out[0]["chosen_weights"])
+
+
+def _common_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+# pairs whose prompt/response boundary merges in a BPE tokenizer: a word split across it, a prompt ending in a space
+# (TRL's older rule dropped the first response word there), a merge on one side only; then plain, implicit-prompt
+# and conversational rows
+JOINT_ROWS = [
+    BOUNDARY,
+    {"prompt": "answer: ", "chosen": "grape kind plum", "rejected": "rock kind slate"},
+    {"prompt": "Name 2 fruits: ", "chosen": "apple and pear", "rejected": " rock"},
+    {"prompt": "Name 1 fruit", "chosen": "s: plum", "rejected": ": rock"},
+    *synthetic_pairs(3),
+    *hh_records()[:2],
+    {"prompt": [{"role": "user", "content": "Name 1 fruit"}],
+     "chosen": [{"role": "assistant", "content": "apple"}], "rejected": [{"role": "assistant", "content": "rock"}]},
+]
+
+
+@pytest.mark.parametrize("add_bos", [False, True], ids=["no-bos", "bos"])
+def test_joint_tokenization_equals_trls_own(add_bos):
+    """tokenization='joint' gives the ids of TRL 1.16's own DPOTrainer tokenisation on every row, including those
+    whose boundary merges (the prompt loses its last tokens, no response text is lost); 'separate' keeps the
+    prompt's own tokens there."""
+    from tests.trainer.tiny import build_tokenizer
+    from tests.trl_reference import trl_tokenized
+
+    tok = build_tokenizer(add_bos=add_bos)
+    kinds = {}  # a TRL dataset holds one kind of row: explicit prompt, implicit prompt, conversational
+    for row in JOINT_ROWS:
+        kinds.setdefault(("prompt" in row, isinstance(row["chosen"], list)), []).append(dict(row))
+    rows = [row for group in kinds.values() for row in group]
+    want = [ids for group in kinds.values() for ids in trl_tokenized(group, tok)]
+    for i, (row, trl) in enumerate(zip(rows, want, strict=True)):
+        ours = tokenize_row(row, tok, tokenization="joint")
+        assert (ours["prompt_input_ids"], ours["chosen_input_ids"], ours["rejected_input_ids"]) == (
+            trl["prompt_ids"], trl["chosen_ids"], trl["rejected_ids"]), (i, row)
+    space = tokenize_row(JOINT_ROWS[1], tok, tokenization="joint")
+    assert tok.decode(space["chosen_input_ids"]).startswith(" grape")  # the first response word is kept
+    separate = tokenize_row(JOINT_ROWS[1], tok)
+    assert separate["prompt_input_ids"] == tok(JOINT_ROWS[1]["prompt"])["input_ids"]
+    assert len(space["prompt_input_ids"]) < len(separate["prompt_input_ids"])
 
 
 def test_prompt_ending_in_a_space_warns(tok, caplog, monkeypatch):

@@ -31,7 +31,7 @@ from ..validation import (
 class TrainArguments:
     """What to train on: the model, the reference model and the data."""
 
-    model_name_or_path: str = field(metadata={"help": "Policy model: hub name or local directory."})
+    model_name_or_path: str = field(metadata={"help": "Policy model: hub name, local directory or .gguf file."})
     dataset_name: str = field(
         metadata={"help": "Preference data: hub name, local JSON/JSONL/CSV/Parquet file, or save_to_disk directory."}
     )

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from .. import contrastive
 from ..contrastive import CONTRASTIVE_LOSS_TYPES, train_contrastive_models
 from ..data import load_preference_dataset
+from ..pretrained import load_tokenizer
 from ..run_safety import output_dir_lock
 from ..validation import check_preference_data
 from .arguments import check_train_inputs, parse_train_args
@@ -41,9 +42,7 @@ def _train(train_args, config, method: str) -> int:
     check_preference_data(dataset, train_args.dataset_name)
     tokenizer = None
     if train_args.tokenizer_name_or_path:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(train_args.tokenizer_name_or_path)
+        tokenizer = load_tokenizer(train_args.tokenizer_name_or_path)
     ref = train_args.ref_model_name_or_path if method == "D" else None
     train_contrastive_models(train_args.model_name_or_path, dataset, method, config, processing_class=tokenizer,
                              ref_model=ref)

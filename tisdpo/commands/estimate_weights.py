@@ -21,6 +21,7 @@ import torch.distributed
 from ..data import load_preference_dataset, save_dataset
 from ..formats import TOKENIZATION_MODES, TRUNCATION_MODES
 from ..modeling import load_causal_lm
+from ..pretrained import load_tokenizer
 from ..response_weights import WEIGHT_TRANSFORMS, transform_token_weights
 from ..validation import check_data_source, check_model_path
 from ..weights import (
@@ -35,7 +36,6 @@ from .arguments import auto_bool, optional_int, parse_with_yaml
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Estimate per-token rewards log pi_plus - log pi_minus of a preference dataset (methods P, S, D)."""
-    from transformers import AutoTokenizer
 
     parser = argparse.ArgumentParser(
         prog="tisdpo estimate-weights",
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dataset = load_preference_dataset(args.dataset, split=args.split)
     if args.max_samples is not None:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.plus_model)
+    tokenizer = load_tokenizer(args.tokenizer or args.plus_model)
     load = {"device": device, "dtype": args.dtype, "device_map": args.device_map}
     pi_plus = load_causal_lm(args.plus_model, **load)
     pi_minus = None if args.minus_model is None else load_causal_lm(args.minus_model, **load)

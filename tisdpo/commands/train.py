@@ -14,6 +14,7 @@ import shlex
 import sys
 
 from ..data import load_preference_dataset
+from ..pretrained import load_tokenizer
 from ..run_safety import (
     RESUME_HINT,
     CheckpointError,
@@ -57,9 +58,7 @@ def _train(train_args, config, argv: list[str]) -> int:
     try:
         tokenizer = None
         if train_args.tokenizer_name_or_path:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(train_args.tokenizer_name_or_path)
+            tokenizer = load_tokenizer(train_args.tokenizer_name_or_path)
         trainer = TISDPOTrainer(
             model=train_args.model_name_or_path,
             ref_model=train_args.ref_model_name_or_path,

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from .. import visualize
 from ..data import load_preference_dataset
 from ..formats import WEIGHT_COLUMNS
+from ..pretrained import load_tokenizer
 from ..response_weights import WEIGHT_TRANSFORMS
 from ..validation import InputError, check_data_source, check_model_path, check_weight_columns
 from ..visualize import render_html, render_png
@@ -17,8 +18,6 @@ from ..visualize import render_html, render_png
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Draw token weights of preference pairs as an HTML page and a PNG figure."""
-    from transformers import AutoTokenizer
-
     parser = argparse.ArgumentParser(prog="tisdpo visualize", description=visualize.__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True,
                         help="dataset with weight columns (save_to_disk directory, JSON/JSONL/Parquet file, hub name)")
@@ -38,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise InputError(f"{args.dataset}: no {' or '.join(f'`{c}`' for c in missing)} column (columns: "
                          f"{', '.join(dataset.column_names)}); estimate weights first (tisdpo estimate-weights)")
     check_weight_columns(dataset, args.dataset, null_rows=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     options = {"transform": args.transform, "transform_kwargs": args.transform_kwargs, "eos_weight": args.eos_weight,
                "max_pairs": args.num_pairs}
     for out in (render_html(dataset, tokenizer, os.path.join(args.output_dir, "weights.html"), **options),
