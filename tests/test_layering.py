@@ -129,35 +129,54 @@ def _text_files():
                 yield os.path.join(root, f)
 
 
-# Pointers to text that is not in the repository: the old shared design notes, issue numbers, "the review".
-OUTSIDE_POINTERS = re.compile(
-    r"\b(DESIGN|STYLE|ANCHORS|ENVIRONMENT)\.md\b|\.\./shared\b|\bDESIGN §|(?i:\bissues? #?\d+|\bthe review\b)|"
-    r"\bsince #\d+|\(#\d+\)"
-)
+# Pointers to text that is not in the repository: issue numbers and "the review" (pointers to tracker threads
+# users cannot read), and, checked by name below, a Markdown document or `../` path that is not in the repository
+# (in code, only upper-case document names such as README.md count: lower-case ones are files the code writes).
+OUTSIDE_POINTERS = re.compile(r"(?i:\bissues? #?\d+|\bthe review\b)|\bsince #\d+|\(#\d+\)|\b[A-Z]{3,} §")
+MARKDOWN_NAME = re.compile(r"(?<![\w/.-])((?:\.\./|[\w-]+/)*[\w-]+\.md)\b")
+PARENT_PATH = re.compile(r"(?<![\w.])\.\./[\w.-]+")
+
+
+def _markdown_names() -> set[str]:
+    return {os.path.basename(p) for p in _text_files() if p.endswith(".md")}
+
+
+def _outside(line: str, path: str, names: set[str]) -> bool:
+    """Whether ``line`` of the file ``path`` points to a document outside the repository."""
+    if OUTSIDE_POINTERS.search(line):
+        return True
+    for name in MARKDOWN_NAME.findall(line):
+        if not path.endswith(".md") and not os.path.basename(name)[:-3].isupper():
+            continue
+        here = os.path.normpath(os.path.join(os.path.dirname(path), name))
+        if not (os.path.basename(name) in names or os.path.exists(os.path.join(REPO, name)) or os.path.exists(here)):
+            return True
+    targets = (os.path.normpath(os.path.join(os.path.dirname(path), m)) for m in PARENT_PATH.findall(line))
+    return any(not (t.startswith(REPO + os.sep) and os.path.exists(t)) for t in targets)
 
 
 def test_no_pointer_outside_the_repository():
-    here = os.path.relpath(__file__, REPO)
+    names = _markdown_names()
     hits = []
     for path in _text_files():
-        rel = os.path.relpath(path, REPO)
-        if rel == here:
+        if os.path.samefile(path, __file__):  # its own examples
             continue
         try:
             lines = open(path, encoding="utf-8").read().splitlines()
         except UnicodeDecodeError:
             continue
         for number, line in enumerate(lines, 1):
-            if OUTSIDE_POINTERS.search(line):
-                hits.append(f"{rel}:{number}: {line.strip()[:100]}")
+            if _outside(line, path, names):
+                hits.append(f"{os.path.relpath(path, REPO)}:{number}: {line.strip()[:100]}")
     assert not hits, "lines pointing outside the repository:\n" + "\n".join(hits)
 
 
-@pytest.mark.parametrize("line,bad", [("see DESIGN.md section 1", True), ("(issue 12)", True),
+@pytest.mark.parametrize("line,bad", [("see NOTES.md section 1", True), ("(issue 12)", True),
                                       ("by the review's count", True), ("docs/design.md, section 3", False),
-                                      ("issue_id = 3", False)])
+                                      ("issue_id = 3", False), ("see ../../notes/plan", True),
+                                      ("README.md", False)])
 def test_pointer_pattern(line, bad):
-    assert bool(OUTSIDE_POINTERS.search(line)) == bad
+    assert _outside(line, __file__, _markdown_names()) == bad
 
 
 def test_markdown_links_resolve():
