@@ -11,7 +11,9 @@ import torch
 import tisdpo.weights as W
 from tisdpo.cli import main as cli_main
 from tisdpo.data import load_preference_dataset
-from tisdpo.demo import build_model, build_tokenizer, make_preference_dataset
+from tisdpo.demo import make_preference_dataset
+
+from .pairs import save_contrastive_pair
 
 OFFLOADED = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
              "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "disk"}
@@ -20,11 +22,7 @@ OFFLOADED = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.laye
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("device-map")
-    tok = build_tokenizer()
-    for name, seed in (("plus", 1), ("minus", 2)):
-        build_model(tok, hidden_size=32, num_layers=2, seed=seed).save_pretrained(root / name)
-    tok.save_pretrained(root / "plus")
-    return root, tok
+    return root, save_contrastive_pair(root, num_layers=2)
 
 
 def test_offloaded_models_give_the_plain_columns(saved, tmp_path):

@@ -10,7 +10,9 @@ import sys
 import pytest
 
 from tisdpo.cli import main as cli_main
-from tisdpo.demo import build_model, build_tokenizer, make_preference_dataset
+from tisdpo.demo import make_preference_dataset
+
+from .pairs import save_contrastive_pair
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAIRS, SHARD, BATCH = 13, 2, 1  # 7 shards of 2 pairs (the last of 1), one pair per forward pass
@@ -19,10 +21,7 @@ PAIRS, SHARD, BATCH = 13, 2, 1  # 7 shards of 2 pairs (the last of 1), one pair 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("estimate")
-    tok = build_tokenizer()
-    for name, seed in (("plus", 1), ("minus", 2)):
-        build_model(tok, hidden_size=32, num_layers=1, seed=seed).save_pretrained(root / name)
-    tok.save_pretrained(root / "plus")
+    save_contrastive_pair(root, num_layers=1)
     make_preference_dataset(PAIRS, seed=5).to_json(str(root / "pairs.jsonl"), lines=True)
     return root
 
