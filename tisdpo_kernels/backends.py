@@ -60,32 +60,37 @@ def kernel_options(chunk_size=None, deterministic=False, grad_filter_eps=None, f
 # kl(hidden, weight, labels, ref_hidden [n, D_ref], ref_weight [V, D_ref], mode "tis" | "tdpo", bias, ref_bias, opts)
 #     -> (logps, ref_logps, token_kl), each [n]
 # Only the torch head functions take ``log_collision=True`` (WPO): they then also return log sum_v p(v)^2 per row.
+# Those of a backend with ``token_stats`` take ``token_stats=True``: two more outputs follow, the policy's entropy [n]
+# (logps' dtype) and is-top-1 [n] bool (the label is the argmax, first index winning ties); docs/design.md §4.
 # sums(logps, lpref, weights | None, seq_ids [n], num_seqs, token_kl=, kl=, contrastive=(pos, neg) | None,
 #      weight_transform=, transform_kwargs=) -> SequenceSums; the torch one also takes log_collision=.
 
 
-def _torch_logprobs(hidden, weight, labels, bias, opts: KernelOptions, log_collision=False):
+def _torch_logprobs(hidden, weight, labels, bias, opts: KernelOptions, log_collision=False, token_stats=False):
     return chunked.chunked_linear_logprobs(hidden, weight, labels, bias=bias, chunk_size=opts.chunk_size,
-                                           log_collision=log_collision)
+                                           log_collision=log_collision, token_stats=token_stats)
 
 
 def _torch_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias, ref_bias, opts: KernelOptions,
-              log_collision=False):
+              log_collision=False, token_stats=False):
     return chunked.chunked_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=bias,
-                                     ref_bias=ref_bias, chunk_size=opts.chunk_size, log_collision=log_collision)
+                                     ref_bias=ref_bias, chunk_size=opts.chunk_size, log_collision=log_collision,
+                                     token_stats=token_stats)
 
 
-def _split_logprobs(hidden, weight, labels, bias, opts: KernelOptions):
+def _split_logprobs(hidden, weight, labels, bias, opts: KernelOptions, token_stats=False):
     from .ops.linear_split import split_linear_logprobs
 
-    return split_linear_logprobs(hidden, weight, labels, bias=bias, fp32_precision=opts.fp32_precision)
+    return split_linear_logprobs(hidden, weight, labels, bias=bias, fp32_precision=opts.fp32_precision,
+                                 token_stats=token_stats)
 
 
-def _split_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias, ref_bias, opts: KernelOptions):
+def _split_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias, ref_bias, opts: KernelOptions,
+              token_stats=False):
     from .ops.linear_split import split_linear_kl
 
     return split_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=bias, ref_bias=ref_bias,
-                           fp32_precision=opts.fp32_precision)
+                           fp32_precision=opts.fp32_precision, token_stats=token_stats)
 
 
 def _triton_logprobs(hidden, weight, labels, bias, opts: KernelOptions):
@@ -146,7 +151,8 @@ class Backend:
     CPU; on CUDA its per-sequence sums use ``index_add``, whose float atomics need
     ``torch.use_deterministic_algorithms(True)``) or ``"option"`` (``deterministic=True`` asks for an atomic-free
     backward). ``log_collision``: computes WPO's
-    ``log sum_v p(v)^2`` (``use_weighting``)."""
+    ``log sum_v p(v)^2`` (``use_weighting``). ``token_stats``: computes the policy's per-token entropy and
+    is-top-1 in its pass over the vocabulary (``fused_tis_dpo_loss(token_stats=True)``)."""
 
     name: str
     summary: str
@@ -159,6 +165,7 @@ class Backend:
     grad_filter: bool = False
     deterministic: str = "always"
     log_collision: bool = False
+    token_stats: bool = False
     float64: bool = False
     # why a capability is missing, by capability name (for the refusals)
     lacks: tuple[tuple[str, str], ...] = ()
@@ -173,7 +180,7 @@ TABLE: dict[str, Backend] = {
         Backend(
             "torch", "chunked PyTorch: one chunk of [rows, V] logits at a time, forward and backward (`chunked.py`)",
             _torch_logprobs, _torch_kl, _torch_sums, devices=("cpu", "cuda"), needs_triton=False,
-            deterministic="cpu", log_collision=True, float64=True,
+            deterministic="cpu", log_collision=True, token_stats=True, float64=True,
             lacks=(("grad_filter_eps", "its gradients are always exact"),),
         ),
         Backend(
@@ -242,7 +249,7 @@ def _runs_on(b: Backend, kind: str) -> bool:
 
 
 def refusal(b: Backend, device: torch.device, *, dtype=None, kl=None, grad_filter_eps=None,
-            use_weighting=False, have_triton=None) -> Exception | None:
+            use_weighting=False, token_stats=False, have_triton=None) -> Exception | None:
     """Why ``b`` cannot run this call (a ``ValueError``, a ``TypeError`` for the dtype), or None when it can."""
     kind = _device_kind(device)
     if have_triton is None:
@@ -267,11 +274,14 @@ def refusal(b: Backend, device: torch.device, *, dtype=None, kl=None, grad_filte
     if use_weighting and not b.log_collision:
         return ValueError(f"backend={b.name!r} does not support use_weighting: {b.why_not('use_weighting')}; "
                           f"supported by: {_supporters(lambda x: x.log_collision)}")
+    if token_stats and not b.token_stats:
+        return ValueError(f"backend={b.name!r} does not support token_stats: {b.why_not('token_stats')}; "
+                          f"supported by: {_supporters(lambda x: x.token_stats)}")
     return None
 
 
 def resolve(name: str, device: torch.device, dim: int | None = None, *, dtype=None, kl=None, grad_filter_eps=None,
-            use_weighting=False) -> Backend:
+            use_weighting=False, token_stats=False) -> Backend:
     """The ``Backend`` that runs a call with ``backend=name`` on ``device`` tensors of hidden size ``dim``, or the
     refusal (``ValueError``; ``TypeError`` for the dtype) naming the backend and the unsupported argument.
 
@@ -280,7 +290,7 @@ def resolve(name: str, device: torch.device, dim: int | None = None, *, dtype=No
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     request = dict(dtype=dtype, kl=kl, grad_filter_eps=grad_filter_eps, use_weighting=use_weighting,
-                   have_triton=triton_available())
+                   token_stats=token_stats, have_triton=triton_available())
     if name != "auto":
         error = refusal(TABLE[name], device, **request)
         if error is not None:
@@ -305,7 +315,7 @@ def resolve(name: str, device: torch.device, dim: int | None = None, *, dtype=No
 # ----------------------------------------------------------------------------------------------
 
 _COLUMNS = ("backend", "what runs", "devices", "needs `triton`", "`kl`", "`grad_filter_eps`", "`deterministic`",
-            "`use_weighting` (WPO)", "float64")
+            "`use_weighting` (WPO)", "`token_stats`", "float64")
 
 
 _DETERMINISM = {
@@ -320,7 +330,8 @@ def _row(b: Backend) -> tuple[str, ...]:
     return (f"`{b.name}`", b.summary, ", ".join(DEVICES[d] for d in b.devices), "yes" if b.needs_triton else "no",
             kls, "yes" if b.grad_filter else f"refused: {b.why_not('grad_filter_eps')}",
             _DETERMINISM[b.deterministic],
-            "yes" if b.log_collision else "refused", "yes" if b.float64 else "refused")
+            "yes" if b.log_collision else "refused", "yes" if b.token_stats else "refused",
+            "yes" if b.float64 else "refused")
 
 
 def markdown_table() -> str:

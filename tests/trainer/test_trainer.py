@@ -81,12 +81,13 @@ def test_step_matches_reference_loss(tok, quick_args, case):
         _decoder_hidden(policy, batch), policy.lm_head.weight, batch["labels"],
         token_weights=apply_weight_transform(batch["token_weights"].double(), args.weight_transform,
                                              **(args.weight_transform_kwargs or {})),
-        beta=0.3, alpha=args.alpha, kl=args.kl, **args.pair_loss_kwargs(), **tensors,
+        beta=0.3, alpha=args.alpha, kl=args.kl, **args.pair_loss_kwargs(), **tensors, token_stats=True,
     )
     want_loss.backward()
     want = _grads(policy)
     print(f"{case}: loss {loss.item():.12g} vs {want_loss.item():.12g}")
     torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
+    assert {"entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"} <= set(want_metrics)
     for name in want_metrics:
         torch.testing.assert_close(metrics[name], want_metrics[name], rtol=1e-9, atol=1e-12, msg=name)
     assert set(got) == set(want)
