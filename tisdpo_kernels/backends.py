@@ -93,19 +93,21 @@ def _split_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias, ref_bi
                            fp32_precision=opts.fp32_precision, token_stats=token_stats)
 
 
-def _triton_logprobs(hidden, weight, labels, bias, opts: KernelOptions):
+def _triton_logprobs(hidden, weight, labels, bias, opts: KernelOptions, token_stats=False):
     from .ops.linear_logprobs import triton_linear_logprobs
 
     return triton_linear_logprobs(hidden, weight, labels, bias=bias, deterministic=opts.deterministic,
-                                  filter_eps=opts.grad_filter_eps, fp32_precision=opts.fp32_precision)
+                                  filter_eps=opts.grad_filter_eps, fp32_precision=opts.fp32_precision,
+                                  token_stats=token_stats)
 
 
-def _triton_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias, ref_bias, opts: KernelOptions):
+def _triton_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias, ref_bias, opts: KernelOptions,
+               token_stats=False):
     from .ops.linear_kl import triton_linear_kl
 
     return triton_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=bias, ref_bias=ref_bias,
                             deterministic=opts.deterministic, filter_eps=opts.grad_filter_eps,
-                            fp32_precision=opts.fp32_precision)
+                            fp32_precision=opts.fp32_precision, token_stats=token_stats)
 
 
 def _torch_sums(logps, lpref, weights, seq_ids, num_seqs, *, token_kl, kl, contrastive, weight_transform,
@@ -187,7 +189,7 @@ TABLE: dict[str, Backend] = {
             "triton", "all-Triton fused LM head + log-softmax kernels, fp32 atomics in the backward "
             "(`ops/linear_logprobs.py`, `ops/linear_kl.py`)",
             _triton_logprobs, _triton_kl, _triton_sums, devices=("cuda", "interpreter"), needs_triton=True,
-            grad_filter=True, deterministic="option",
+            grad_filter=True, deterministic="option", token_stats=True,
             lacks=(("use_weighting", "WPO needs log sum_v p(v)^2 of every response token, which its kernels do not "
                                      "compute"),
                    ("float64", "its kernels take fp32/fp16/bf16"),
@@ -197,6 +199,7 @@ TABLE: dict[str, Backend] = {
             "split", "vocabulary splits: cuBLAS GEMMs + fused Triton elementwise passes, an atomic-free backward; "
             "on plain CPU the same algorithm with torch elementwise ops (`ops/linear_split.py`)",
             _split_logprobs, _split_kl, _split_sums, devices=("cpu", "cuda", "interpreter"), needs_triton=True,
+            token_stats=True,
             lacks=(("grad_filter_eps", "its gradients are always exact"),
                    ("use_weighting", "WPO needs log sum_v p(v)^2 of every response token, which its passes do not "
                                      "compute"),
