@@ -318,7 +318,7 @@ def resolve(name: str, device: torch.device, dim: int | None = None, *, dtype=No
 # ----------------------------------------------------------------------------------------------
 
 _COLUMNS = ("backend", "what runs", "devices", "needs `triton`", "`kl`", "`grad_filter_eps`", "`deterministic`",
-            "`use_weighting` (WPO)", "`token_stats`", "float64")
+            "`use_weighting` (WPO)", "float64")
 
 
 _DETERMINISM = {
@@ -333,8 +333,7 @@ def _row(b: Backend) -> tuple[str, ...]:
     return (f"`{b.name}`", b.summary, ", ".join(DEVICES[d] for d in b.devices), "yes" if b.needs_triton else "no",
             kls, "yes" if b.grad_filter else f"refused: {b.why_not('grad_filter_eps')}",
             _DETERMINISM[b.deterministic],
-            "yes" if b.log_collision else "refused", "yes" if b.token_stats else "refused",
-            "yes" if b.float64 else "refused")
+            "yes" if b.log_collision else "refused", "yes" if b.float64 else "refused")
 
 
 def markdown_table() -> str:
