@@ -450,11 +450,12 @@ def _use_triton(params: SplitParams, device: torch.device) -> bool:
     return device.type == "cuda" or interpreting()
 
 
-def _online_lse_step(z, st, m_key, s_key, label_key, lab, inside, rows):
+def _online_lse_step(z, st, m_key, s_key, label_key, lab, inside, rows, split_max=None):
     """One split of the online log-sum-exp and label gather for the logits ``z`` (policy or reference), in
-    place on ``st[m_key] / st[s_key] / st[label_key]`` at ``rows``; returns ``(exp(z - new max), rescale)``."""
+    place on ``st[m_key] / st[s_key] / st[label_key]`` at ``rows``; returns ``(exp(z - new max), rescale)``.
+    ``split_max``: ``z.max(1).values`` when the caller has it."""
     st[label_key][rows] += torch.where(inside, z.gather(1, lab.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
-    m_new = torch.maximum(st[m_key][rows], z.max(1).values)
+    m_new = torch.maximum(st[m_key][rows], z.max(1).values if split_max is None else split_max)
     scale = torch.exp(st[m_key][rows] - m_new)
     e = torch.exp(z - m_new[:, None])
     st[s_key][rows] = st[s_key][rows] * scale + e.sum(1)
@@ -464,18 +465,22 @@ def _online_lse_step(z, st, m_key, s_key, label_key, lab, inside, rows):
 
 def _stats_torch(z, zr, b, rb, labels, st, r0, v0, kl_mode):
     """The torch twin of ``_split_stats_kernel`` (plain CPU tensors); the token statistics when ``st`` holds
-    ``"xs"`` and ``"mb"``."""
+    ``"xs"`` and ``"arg"``. Its top-1 state is the running first argmax (a column index) rather than the
+    kernel's max before the label: ``torch.max`` gives the split's first maximum and its index in the pass the
+    log-sum-exp makes anyway, and a later split takes over only with a strictly larger maximum."""
     r1, cols = r0 + z.shape[0], z.shape[1]
     rows = slice(r0, r1)
     if b is not None:
         z = z + b[v0:v0 + cols].float()
     lab = labels[rows] - v0
     inside = (lab >= 0) & (lab < cols)
-    e, scale = _online_lse_step(z, st, "m", "s", "label", lab, inside, rows)
-    if "xs" in st:  # entropy = lse - xs / s; the label is the argmax iff label >= m and label > mb
-        st["xs"][rows] = st["xs"][rows] * scale + (e * z).sum(1)
-        before = torch.arange(cols, device=z.device)[None, :] < lab[:, None]
-        st["mb"][rows] = torch.maximum(st["mb"][rows], z.masked_fill(~before, float("-inf")).amax(1))
+    if "xs" not in st:
+        e, scale = _online_lse_step(z, st, "m", "s", "label", lab, inside, rows)
+    else:  # entropy = lse - xs / s; the label is the argmax iff it is the running first argmax
+        split_max, split_arg = z.max(1)
+        st["arg"][rows] = torch.where(split_max > st["m"][rows], split_arg + v0, st["arg"][rows])
+        e, scale = _online_lse_step(z, st, "m", "s", "label", lab, inside, rows, split_max)
+        st["xs"][rows] = st["xs"][rows] * scale + (e.unsqueeze(1) @ z.unsqueeze(2)).view(-1)
     if kl_mode:
         if rb is not None:
             zr = zr + rb[v0:v0 + cols].float()
@@ -537,14 +542,15 @@ def split_forward(hidden, weight, bias, labels, params: SplitParams, ref: RefHea
     if n == 0:
         return ForwardStats.empty(dev, kl, params.token_stats)
     names = ("m", "s", "label", "rm", "rs", "ref_label", "acc") if kl else ("m", "s", "label")
-    names += ("xs", "mb") if params.token_stats else ()
-    st = {k: _alloc((n,), torch.float32, dev) for k in names}
+    plan = _plan(params, hidden, weight, bias)
+    use_triton = _use_triton(params, dev)
+    if params.token_stats:  # top-1 state: the max before the label (kernel) or the first argmax (torch twin)
+        names += ("xs", "mb" if use_triton else "arg")
+    st = {k: _alloc((n,), torch.int64 if k == "arg" else torch.float32, dev) for k in names}
     for k in names:
         st[k].fill_(float("-inf") if k in ("m", "rm", "mb") else 0.0)
-    plan = _plan(params, hidden, weight, bias)
     zbuf = _alloc((plan.rows * plan.cols,), torch.float32, dev)
     zrbuf = _alloc((plan.rows * plan.cols,), torch.float32, dev) if kl else None
-    use_triton = _use_triton(params, dev)
     tiles = split_tiles(plan.cols)
     route = gemm_route(dev, hidden.dtype, params.fp32_precision)
     for r0, r1, v0, v1 in _blocks(n, vocab, plan):
@@ -569,7 +575,8 @@ def split_forward(hidden, weight, bias, labels, params: SplitParams, ref: RefHea
     lse = st["m"] + torch.log(st["s"])
     token_stats = {}
     if params.token_stats:
-        token_stats = dict(entropy=lse - st["xs"] / st["s"], is_top1=top1_from_maxima(st["label"], st["m"], st["mb"]))
+        top1 = top1_from_maxima(st["label"], st["m"], st["mb"]) if use_triton else st["arg"] == labels
+        token_stats = dict(entropy=lse - st["xs"] / st["s"], is_top1=top1)
     if not kl:
         return ForwardStats(st["label"] - lse, lse, **token_stats)
     ref_lse = st["rm"] + torch.log(st["rs"])
