@@ -3,7 +3,8 @@
 Computes ``logps[i] = log_softmax(hidden[i] @ weight.T + bias)[labels[i]]`` for response rows
 ``hidden [n, D]``. The forward tiles rows x vocabulary, forms each logit tile with ``tl.dot`` over
 ``D`` chunks, keeps an online log-sum-exp per row and picks the label logit out of the same tiles;
-it saves only the per-row log-sum-exp. The backward recomputes each logit tile from it, forms
+it saves only the per-row log-sum-exp (with ``token_stats`` it also forms the policy's entropy and is-top-1
+from two more running values per row, docs/design.md §4). The backward recomputes each logit tile from it, forms
 ``dz = g * (onehot(label) - p)`` and accumulates ``dH = dz @ W`` and ``dW = dz^T @ H`` (and
 ``dbias = sum_rows dz``) tile by tile, so no buffer larger than ``[n, D]`` / ``[V, D]`` ever exists.
 

@@ -6,7 +6,8 @@ columns at a time, with the large products on the vendor GEMM and the elementwis
 
 - forward, per split ``s`` (and per row chunk when ``n x S`` alone passes the scratch cap):
   ``z = H W_s^T`` (fp32 accumulate, fp32 result), then ``_split_stats_kernel`` merges the split into
-  per-row statistics (online max / sum of exp, label logit, KL accumulator). Only ``[n]`` vectors
+  per-row statistics (online max / sum of exp, label logit, KL accumulator; with ``token_stats`` the
+  entropy's ``sum exp(z - m) z`` and the max before the label, docs/design.md §4). Only ``[n]`` vectors
   survive between splits.
 - backward, per split: recompute ``z`` (and the reference's ``z_ref`` with a KL mode), one
   ``_split_dz_kernel`` pass forms ``dz = g (onehot - p)`` plus the KL term (TIS ``g_kl p (log p - log q -
