@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 
 from tisdpo_kernels import fused_tis_dpo_loss
+from tisdpo_kernels.loss import TOKEN_STAT_COUNTS
 from tisdpo_kernels.transforms import apply_weight_transform
 
 from .config import TISDPOConfig
@@ -71,7 +72,7 @@ from .modeling import (
     token_logps,
 )
 from .offload import offload_activations
-from .prefix import PrefixSharedCollator, check_attention
+from .prefix import PREFIX_PARTS, PROMPT, PrefixSharedCollator, check_attention
 from .pretrained import load_pretrained_model, load_tokenizer
 from .response_weights import PER_RESPONSE_TRANSFORMS, transform_token_weights, warn_if_weightless
 from .run_safety import PreemptionCallback, resolve_resume_from_checkpoint, save_complete_checkpoint
@@ -123,6 +124,16 @@ def _local_cu_seqlens(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
             )
     rows, width = inputs["labels"].shape
     return torch.arange(rows + 1, dtype=torch.int32, device=inputs["labels"].device) * width
+
+
+def _trl_token_count(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's tokens as TRL's `DPOTrainer` counts them for `num_tokens` (`attention_mask.sum()` of its
+    `[2B, T]` layout): every token of the 2B sequences, prompts included, padding not; a prompt shared by a pair
+    (`prefix_sharing`) counts twice, once per sequence. A 0-d int64 tensor."""
+    tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(inputs["input_ids"].numel())
+    if PREFIX_PARTS in inputs:
+        tokens = tokens + (inputs[PREFIX_PARTS] == PROMPT).sum()
+    return tokens
 
 
 def _resolve_prefix_sharing(args: TISDPOConfig, model: nn.Module, ref_model: nn.Module | None) -> bool:
@@ -236,8 +247,10 @@ class TISDPOTrainer(Trainer):
         compute_metrics: `EvalPrediction -> dict` called after evaluation. The fused head builds no logits, so
             what it gets is, per evaluation batch, the batch's metrics: `predictions` is a dict of float arrays
             `[batches]` (`rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/accuracies`,
-            `logps/chosen`, `logps/rejected`, ..., each the mean over the batch's pairs) and `label_ids` an int
-            array `[batches]` of the batch's pair counts (to weight the means).
+            `logps/chosen`, `logps/rejected`, ..., each the mean over the batch's pairs; `entropy`, `logits/chosen`,
+            `logits/rejected`, `mean_token_accuracy`, each the mean over the batch's response tokens counted in
+            `tokens/chosen`, `tokens/rejected`) and `label_ids` an int array `[batches]` of the batch's pair counts
+            (to weight the means).
         callbacks: extra `TrainerCallback`s.
         optimizers: `(optimizer, lr_scheduler)`, either may be None (then built from `args`), as in `Trainer`.
         quantization_config: e.g. a `BitsAndBytesConfig`, used when `model` (and a reference model loaded by name)
@@ -392,6 +405,7 @@ class TISDPOTrainer(Trainer):
             logger.warning("Choices that differ from TRL's DPOTrainer: %s.", "; ".join(differences))
 
         self._metrics: dict[str, defaultdict[str, list[float]]] = {m: defaultdict(list) for m in ("train", "eval")}
+        self._total_train_tokens = 0  # TRL's `num_tokens`: this run's training tokens, all processes
         self._tokens_since_log = 0.0
         self._last_log_time = time.perf_counter()
         self._announced_objective = False
@@ -529,7 +543,7 @@ class TISDPOTrainer(Trainer):
             metrics = dict(metrics, aux_loss=self._aux_loss.detach())
             loss = loss + self.args.router_aux_loss_coef * self._aux_loss.to(loss.dtype)
         tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
-        self._store_metrics(metrics, mode, tokens)
+        self._store_metrics(metrics, mode, tokens, _trl_token_count(inputs))
         return (loss, metrics) if return_outputs else loss
 
     def _preference_loss(self, model, inputs):
@@ -586,6 +600,7 @@ class TISDPOTrainer(Trainer):
                 backend=args.loss_backend,
                 chunk_size=args.loss_chunk_size,
                 group=group,
+                token_stats=True,
                 **args.pair_loss_kwargs(),
                 **tensors,
             )
@@ -644,17 +659,34 @@ class TISDPOTrainer(Trainer):
         predictions = {name: value.detach().float().reshape(1) for name, value in sorted(metrics.items())}
         return loss.detach(), predictions, torch.tensor([pairs], device=loss.device)
 
-    def _store_metrics(self, metrics: dict[str, torch.Tensor], mode: str, tokens) -> None:
-        names = sorted(metrics)
+    def _store_metrics(self, metrics: dict[str, torch.Tensor], mode: str, tokens, trl_tokens=None) -> None:
+        """One micro-batch's metrics, gathered over the processes: a per-pair metric as the mean of the
+        processes' values, a per-token one (`TOKEN_STAT_COUNTS`) as TRL does, the sum of the processes' sums over
+        the sum of their token counts (0 over none). `tokens`: the tokens the decoder ran (`tokens_per_second`);
+        `trl_tokens`: the batch's tokens as TRL counts them, added up into `num_tokens` in training (the running
+        total is logged in evaluation too, as TRL does)."""
+        counts = {n: metrics[n] for n in ("tokens/chosen", "tokens/rejected") if n in metrics}
+        names = sorted(n for n in metrics if n not in counts)
         device = self.accelerator.device
         values = torch.stack([metrics[n].detach().float().to(device) for n in names])
-        count = torch.as_tensor(tokens, dtype=torch.float32, device=device).reshape(1)
-        gathered = self.accelerator.gather(torch.cat([values, count]).unsqueeze(0))  # [processes, names + 1]
-        means = gathered[:, :-1].mean(0).tolist()
+        weights = torch.stack([sum(counts[c] for c in TOKEN_STAT_COUNTS[n]).float().to(device)
+                               if n in TOKEN_STAT_COUNTS and counts else torch.ones((), device=device)
+                               for n in names])
+        token_counts = torch.stack([torch.as_tensor(t, dtype=torch.float32, device=device).reshape(())
+                                    for t in (tokens, tokens if trl_tokens is None else trl_tokens)])
+        local = torch.cat([values * weights, weights, token_counts])
+        gathered = self.accelerator.gather(local.unsqueeze(0)).sum(0)  # [2 names + 2], summed over processes
+        k = len(names)
+        sums, totals = gathered[:k], gathered[k:2 * k]
+        means = torch.where(totals > 0, sums / totals.clamp(min=1e-30), torch.zeros_like(sums)).tolist()
         for name, value in zip(names, means, strict=True):
             self._metrics[mode][name].append(value)
         if mode == "train":
-            self._tokens_since_log += float(gathered[:, -1].sum())
+            self._tokens_since_log += float(gathered[2 * k])
+            if trl_tokens is not None:
+                self._total_train_tokens += int(gathered[2 * k + 1])
+        if trl_tokens is not None:
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the averaged step metrics (TRL's names; `eval_` prefixed in evaluation), `tokens_per_second` and,

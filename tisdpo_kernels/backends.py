@@ -60,47 +60,54 @@ def kernel_options(chunk_size=None, deterministic=False, grad_filter_eps=None, f
 # kl(hidden, weight, labels, ref_hidden [n, D_ref], ref_weight [V, D_ref], mode "tis" | "tdpo", bias, ref_bias, opts)
 #     -> (logps, ref_logps, token_kl), each [n]
 # Only the torch head functions take ``log_collision=True`` (WPO): they then also return log sum_v p(v)^2 per row.
+# Those of a backend with ``token_stats`` take ``token_stats=True``: two more outputs follow, the policy's entropy [n]
+# (logps' dtype) and is-top-1 [n] bool (the label is the argmax, first index winning ties); docs/design.md §4.
 # sums(logps, lpref, weights | None, seq_ids [n], num_seqs, token_kl=, kl=, contrastive=(pos, neg) | None,
 #      weight_transform=, transform_kwargs=) -> SequenceSums; the torch one also takes log_collision=.
 
 
-def _torch_logprobs(hidden, weight, labels, bias, opts: KernelOptions, log_collision=False):
+def _torch_logprobs(hidden, weight, labels, bias, opts: KernelOptions, log_collision=False, token_stats=False):
     return chunked.chunked_linear_logprobs(hidden, weight, labels, bias=bias, chunk_size=opts.chunk_size,
-                                           log_collision=log_collision)
+                                           log_collision=log_collision, token_stats=token_stats)
 
 
 def _torch_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias, ref_bias, opts: KernelOptions,
-              log_collision=False):
+              log_collision=False, token_stats=False):
     return chunked.chunked_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=bias,
-                                     ref_bias=ref_bias, chunk_size=opts.chunk_size, log_collision=log_collision)
+                                     ref_bias=ref_bias, chunk_size=opts.chunk_size, log_collision=log_collision,
+                                     token_stats=token_stats)
 
 
-def _split_logprobs(hidden, weight, labels, bias, opts: KernelOptions):
+def _split_logprobs(hidden, weight, labels, bias, opts: KernelOptions, token_stats=False):
     from .ops.linear_split import split_linear_logprobs
 
-    return split_linear_logprobs(hidden, weight, labels, bias=bias, fp32_precision=opts.fp32_precision)
+    return split_linear_logprobs(hidden, weight, labels, bias=bias, fp32_precision=opts.fp32_precision,
+                                 token_stats=token_stats)
 
 
-def _split_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias, ref_bias, opts: KernelOptions):
+def _split_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias, ref_bias, opts: KernelOptions,
+              token_stats=False):
     from .ops.linear_split import split_linear_kl
 
     return split_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=bias, ref_bias=ref_bias,
-                           fp32_precision=opts.fp32_precision)
+                           fp32_precision=opts.fp32_precision, token_stats=token_stats)
 
 
-def _triton_logprobs(hidden, weight, labels, bias, opts: KernelOptions):
+def _triton_logprobs(hidden, weight, labels, bias, opts: KernelOptions, token_stats=False):
     from .ops.linear_logprobs import triton_linear_logprobs
 
     return triton_linear_logprobs(hidden, weight, labels, bias=bias, deterministic=opts.deterministic,
-                                  filter_eps=opts.grad_filter_eps, fp32_precision=opts.fp32_precision)
+                                  filter_eps=opts.grad_filter_eps, fp32_precision=opts.fp32_precision,
+                                  token_stats=token_stats)
 
 
-def _triton_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias, ref_bias, opts: KernelOptions):
+def _triton_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias, ref_bias, opts: KernelOptions,
+               token_stats=False):
     from .ops.linear_kl import triton_linear_kl
 
     return triton_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=bias, ref_bias=ref_bias,
                             deterministic=opts.deterministic, filter_eps=opts.grad_filter_eps,
-                            fp32_precision=opts.fp32_precision)
+                            fp32_precision=opts.fp32_precision, token_stats=token_stats)
 
 
 def _torch_sums(logps, lpref, weights, seq_ids, num_seqs, *, token_kl, kl, contrastive, weight_transform,
@@ -146,7 +153,8 @@ class Backend:
     CPU; on CUDA its per-sequence sums use ``index_add``, whose float atomics need
     ``torch.use_deterministic_algorithms(True)``) or ``"option"`` (``deterministic=True`` asks for an atomic-free
     backward). ``log_collision``: computes WPO's
-    ``log sum_v p(v)^2`` (``use_weighting``)."""
+    ``log sum_v p(v)^2`` (``use_weighting``). ``token_stats``: computes the policy's per-token entropy and
+    is-top-1 in its pass over the vocabulary (``fused_tis_dpo_loss(token_stats=True)``)."""
 
     name: str
     summary: str
@@ -159,6 +167,7 @@ class Backend:
     grad_filter: bool = False
     deterministic: str = "always"
     log_collision: bool = False
+    token_stats: bool = False
     float64: bool = False
     # why a capability is missing, by capability name (for the refusals)
     lacks: tuple[tuple[str, str], ...] = ()
@@ -173,14 +182,14 @@ TABLE: dict[str, Backend] = {
         Backend(
             "torch", "chunked PyTorch: one chunk of [rows, V] logits at a time, forward and backward (`chunked.py`)",
             _torch_logprobs, _torch_kl, _torch_sums, devices=("cpu", "cuda"), needs_triton=False,
-            deterministic="cpu", log_collision=True, float64=True,
+            deterministic="cpu", log_collision=True, token_stats=True, float64=True,
             lacks=(("grad_filter_eps", "its gradients are always exact"),),
         ),
         Backend(
             "triton", "all-Triton fused LM head + log-softmax kernels, fp32 atomics in the backward "
             "(`ops/linear_logprobs.py`, `ops/linear_kl.py`)",
             _triton_logprobs, _triton_kl, _triton_sums, devices=("cuda", "interpreter"), needs_triton=True,
-            grad_filter=True, deterministic="option",
+            grad_filter=True, deterministic="option", token_stats=True,
             lacks=(("use_weighting", "WPO needs log sum_v p(v)^2 of every response token, which its kernels do not "
                                      "compute"),
                    ("float64", "its kernels take fp32/fp16/bf16"),
@@ -190,6 +199,7 @@ TABLE: dict[str, Backend] = {
             "split", "vocabulary splits: cuBLAS GEMMs + fused Triton elementwise passes, an atomic-free backward; "
             "on plain CPU the same algorithm with torch elementwise ops (`ops/linear_split.py`)",
             _split_logprobs, _split_kl, _split_sums, devices=("cpu", "cuda", "interpreter"), needs_triton=True,
+            token_stats=True,
             lacks=(("grad_filter_eps", "its gradients are always exact"),
                    ("use_weighting", "WPO needs log sum_v p(v)^2 of every response token, which its passes do not "
                                      "compute"),
@@ -242,7 +252,7 @@ def _runs_on(b: Backend, kind: str) -> bool:
 
 
 def refusal(b: Backend, device: torch.device, *, dtype=None, kl=None, grad_filter_eps=None,
-            use_weighting=False, have_triton=None) -> Exception | None:
+            use_weighting=False, token_stats=False, have_triton=None) -> Exception | None:
     """Why ``b`` cannot run this call (a ``ValueError``, a ``TypeError`` for the dtype), or None when it can."""
     kind = _device_kind(device)
     if have_triton is None:
@@ -267,11 +277,14 @@ def refusal(b: Backend, device: torch.device, *, dtype=None, kl=None, grad_filte
     if use_weighting and not b.log_collision:
         return ValueError(f"backend={b.name!r} does not support use_weighting: {b.why_not('use_weighting')}; "
                           f"supported by: {_supporters(lambda x: x.log_collision)}")
+    if token_stats and not b.token_stats:
+        return ValueError(f"backend={b.name!r} does not support token_stats: {b.why_not('token_stats')}; "
+                          f"supported by: {_supporters(lambda x: x.token_stats)}")
     return None
 
 
 def resolve(name: str, device: torch.device, dim: int | None = None, *, dtype=None, kl=None, grad_filter_eps=None,
-            use_weighting=False) -> Backend:
+            use_weighting=False, token_stats=False) -> Backend:
     """The ``Backend`` that runs a call with ``backend=name`` on ``device`` tensors of hidden size ``dim``, or the
     refusal (``ValueError``; ``TypeError`` for the dtype) naming the backend and the unsupported argument.
 
@@ -280,7 +293,7 @@ def resolve(name: str, device: torch.device, dim: int | None = None, *, dtype=No
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     request = dict(dtype=dtype, kl=kl, grad_filter_eps=grad_filter_eps, use_weighting=use_weighting,
-                   have_triton=triton_available())
+                   token_stats=token_stats, have_triton=triton_available())
     if name != "auto":
         error = refusal(TABLE[name], device, **request)
         if error is not None:

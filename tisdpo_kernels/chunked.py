@@ -31,6 +31,22 @@ class _ChunkParams:
     chunk_size: int
     kl_mode: str | None = None  # None (log-probs only), "tis" or "tdpo"
     log_collision: bool = False  # also return log sum_v p(v)^2 per row (no gradient)
+    token_stats: bool = False  # also return the policy's entropy and is-top-1 per row (no gradient)
+
+
+def _token_stats(z, lse, labels):
+    """``(entropy, is_top1)`` of one chunk's logits ``z [rows, V]`` with their log-sum-exps ``lse [rows]``:
+    ``lse - sum_v p z`` (the row dot products as one batched GEMV, no second ``[rows, V]`` temporary) and
+    ``argmax(z) == labels`` (``argmax`` returns the first maximum)."""
+    p = torch.sub(z, lse[:, None]).exp_()
+    return lse - (p.unsqueeze(1) @ z.unsqueeze(2)).view(-1), z.argmax(-1) == labels
+
+
+def _stats_buffers(n, cd, device, params):
+    """The ``[n]`` entropy (``cd``) and is-top-1 (bool) outputs, or ``(None, None)`` without ``token_stats``."""
+    if not params.token_stats:
+        return None, None
+    return torch.empty(n, dtype=cd, device=device), torch.empty(n, dtype=torch.bool, device=device)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -46,7 +62,8 @@ def _chunk_logits(h, w, b, cd):
 
 class ChunkedLinearLogprobsFunction(torch.autograd.Function):
     """``log_softmax(hidden @ weight.T + bias)[arange(n), labels]`` chunked over rows (and, with
-    ``params.log_collision``, a second, non-differentiable output ``logsumexp(2 log_softmax(z))``)."""
+    ``params.log_collision``, a non-differentiable output ``logsumexp(2 log_softmax(z))``; then, with
+    ``params.token_stats``, the non-differentiable entropy and is-top-1 of each row)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, params: _ChunkParams):
@@ -56,22 +73,26 @@ class ChunkedLinearLogprobsFunction(torch.autograd.Function):
         lse = torch.empty(n, dtype=cd, device=hidden.device)
         logps = torch.empty(n, dtype=cd, device=hidden.device)
         collision = torch.empty(n, dtype=cd, device=hidden.device) if params.log_collision else None
+        entropy, top1 = _stats_buffers(n, cd, hidden.device, params)
         for s in range(0, n, params.chunk_size):
             e = min(s + params.chunk_size, n)
             z = _chunk_logits(hidden[s:e], w, b, cd)
             lse[s:e] = torch.logsumexp(z, dim=-1)
             logps[s:e] = z.gather(1, labels[s:e, None]).squeeze(1) - lse[s:e]
+            if entropy is not None:
+                entropy[s:e], top1[s:e] = _token_stats(z, lse[s:e], labels[s:e])
             if collision is not None:
                 collision[s:e] = torch.logsumexp(z.sub_(lse[s:e, None]).mul_(2), dim=-1)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.params = params
-        if collision is None:
+        extra = tuple(t for t in (collision, entropy, top1) if t is not None)
+        if not extra:
             return logps
-        ctx.mark_non_differentiable(collision)
-        return logps, collision
+        ctx.mark_non_differentiable(*extra)
+        return logps, *extra
 
     @staticmethod
-    def backward(ctx, grad_logps, *_grad_collision):
+    def backward(ctx, grad_logps, *_grad_extra):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         grads = _chunked_backward(ctx, hidden, weight, bias, labels, lse, grad_logps)
         return grads[0], grads[1], grads[2], None, None
@@ -133,7 +154,8 @@ def _chunked_backward(ctx, hidden, weight, bias, labels, lse, grad_logps, kl_ter
 
 class ChunkedLinearKLFunction(torch.autograd.Function):
     """Policy and reference log-probs of the labels plus the per-token KL, chunked over rows (plus the policy's
-    ``log sum_v p(v)^2`` with ``params.log_collision``, without gradient).
+    ``log sum_v p(v)^2`` with ``params.log_collision``, then its entropy and is-top-1 with ``params.token_stats``,
+    without gradient).
 
     Gradients flow into the policy (hidden, weight, bias) only; the reference is a constant.
     """
@@ -148,10 +170,13 @@ class ChunkedLinearKLFunction(torch.autograd.Function):
             torch.empty(n, dtype=cd, device=hidden.device) for _ in range(5)
         )
         collision = torch.empty(n, dtype=cd, device=hidden.device) if params.log_collision else None
+        entropy, top1 = _stats_buffers(n, cd, hidden.device, params)
         for s in range(0, n, params.chunk_size):
             e = min(s + params.chunk_size, n)
             z = _chunk_logits(hidden[s:e], w, b, cd)
             lse[s:e] = torch.logsumexp(z, dim=-1)
+            if entropy is not None:
+                entropy[s:e], top1[s:e] = _token_stats(z, lse[s:e], labels[s:e])
             logp = z.sub_(lse[s:e, None])
             z_ref = _chunk_logits(ref_hidden[s:e], rw, rb, cd)
             ref_lse[s:e] = torch.logsumexp(z_ref, dim=-1)
@@ -167,33 +192,36 @@ class ChunkedLinearKLFunction(torch.autograd.Function):
                 collision[s:e] = torch.logsumexp(logp.mul_(2), dim=-1)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, ref_hidden, ref_weight, ref_bias, ref_lse, token_kl)
         ctx.params = params
-        if collision is None:
-            ctx.mark_non_differentiable(ref_logps)
-            return logps, ref_logps, token_kl
-        ctx.mark_non_differentiable(ref_logps, collision)
-        return logps, ref_logps, token_kl, collision
+        extra = tuple(t for t in (collision, entropy, top1) if t is not None)
+        ctx.mark_non_differentiable(ref_logps, *extra)
+        return logps, ref_logps, token_kl, *extra
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_ref_logps, grad_kl, *_grad_collision):
+    def backward(ctx, grad_logps, _grad_ref_logps, grad_kl, *_grad_extra):
         hidden, weight, bias, labels, lse, ref_hidden, ref_weight, ref_bias, ref_lse, token_kl = ctx.saved_tensors
         kl_terms = (ref_hidden, ref_weight, ref_bias, ref_lse, token_kl, grad_kl)
         d_h, d_w, d_b = _chunked_backward(ctx, hidden, weight, bias, labels, lse, grad_logps, kl_terms)
         return d_h, d_w, d_b, None, None, None, None, None
 
 
-def chunked_linear_logprobs(hidden, weight, labels, bias=None, chunk_size=None, log_collision=False):
+def chunked_linear_logprobs(hidden, weight, labels, bias=None, chunk_size=None, log_collision=False,
+                            token_stats=False):
     """Label log-probs of response rows, chunked: ``hidden [n, D]``, ``weight [V, D]``,
     ``labels [n]`` int64 in ``[0, V)``, ``bias [V]`` or None -> ``[n]`` float32 (float64 for
     float64 inputs). Differentiable w.r.t. hidden, weight and bias. With ``log_collision=True`` returns
-    ``(logps, log_collision)``, the second ``[n]`` being ``log sum_v p(v)^2`` per row (no gradient)."""
-    params = _ChunkParams(chunk_size or default_chunk_size(weight.shape[0]), log_collision=log_collision)
+    ``(logps, log_collision)``, the second ``[n]`` being ``log sum_v p(v)^2`` per row (no gradient); with
+    ``token_stats=True`` two more ``[n]`` outputs follow, without gradient: the entropy of each row's distribution
+    (logps' dtype) and whether its label is the argmax (bool, the first index winning ties)."""
+    params = _ChunkParams(chunk_size or default_chunk_size(weight.shape[0]), log_collision=log_collision,
+                          token_stats=token_stats)
     return ChunkedLinearLogprobsFunction.apply(hidden, weight, bias, labels, params)
 
 
 def chunked_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=None, ref_bias=None,
-                      chunk_size=None, log_collision=False):
+                      chunk_size=None, log_collision=False, token_stats=False):
     """``(logps, ref_logps, token_kl)``, each ``[n]`` float32, for response rows (a fourth, the policy's
-    ``log sum_v p(v)^2``, with ``log_collision=True``).
+    ``log sum_v p(v)^2``, with ``log_collision=True``; then the policy's entropy and is-top-1 with
+    ``token_stats=True``, as in :func:`chunked_linear_logprobs`).
 
     ``mode="tis"``: ``KL(pi_theta || pi_ref)``; ``mode="tdpo"``: ``KL(pi_ref || pi_theta)``, summed
     over the full vocabulary per row. ``ref_hidden [n, D_ref]``, ``ref_weight [V, D_ref]``.
@@ -202,5 +230,5 @@ def chunked_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias
     if mode not in ("tis", "tdpo"):
         raise ValueError(f"mode must be 'tis' or 'tdpo', got {mode!r}")
     params = _ChunkParams(chunk_size or default_chunk_size(weight.shape[0]), kl_mode=mode,
-                          log_collision=log_collision)
+                          log_collision=log_collision, token_stats=token_stats)
     return ChunkedLinearKLFunction.apply(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, params)

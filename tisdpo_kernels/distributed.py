@@ -63,6 +63,13 @@ def global_response_counts(counts: torch.Tensor, group) -> torch.Tensor:
     return total
 
 
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """``x`` summed over ``group`` (a copy; no gradient): the token statistics' sums and counts."""
+    out = x.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
 def all_reduce_sequence_sums(sums: SequenceSums, group) -> SequenceSums:
     """The per-sequence sums of every rank of ``group`` added up, in one collective, differentiable (identity
     backward). Each field of ``sums`` is ``[num_seqs]`` of one dtype, or None (an optional sum every rank leaves

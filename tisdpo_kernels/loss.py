@@ -20,9 +20,9 @@ import torch
 
 from .backends import BACKENDS  # noqa: F401 (the backend names, imported from here by tisdpo.config)
 from .backends import kernel_options, resolve
-from .distributed import all_reduce_sequence_sums, check_group, global_response_counts
+from .distributed import all_reduce_sequence_sums, all_reduce_sum, check_group, global_response_counts
 from .objectives import PairLossOptions, ld_token_weights, pair_objective, sequence_layout
-from .ops._common import check_ref_head
+from .ops._common import check_ref_head, mean_logits
 from .transforms import token_weights_from_contrastive, transform_params
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -203,6 +203,44 @@ def _check_row_index(row_index, labels, hidden):
 
 
 # ----------------------------------------------------------------------------------------------
+# token statistics (TRL's DPOTrainer metrics)
+# ----------------------------------------------------------------------------------------------
+
+TOKEN_STAT_METRICS = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")
+# the token counts (metric names) each of TOKEN_STAT_METRICS averages over: entropy over chosen plus rejected
+TOKEN_STAT_COUNTS = {"entropy": ("tokens/chosen", "tokens/rejected"), "logits/chosen": ("tokens/chosen",),
+                     "logits/rejected": ("tokens/rejected",), "mean_token_accuracy": ("tokens/chosen",)}
+
+
+def token_stat_sums(entropy, mean_logit, is_top1, is_chosen) -> torch.Tensor:
+    """The sums behind ``TOKEN_STAT_METRICS`` over one call's response tokens, ``[6]`` fp32 (fp64 for fp64
+    stats): entropy over all tokens, mean logit over chosen and over rejected tokens, chosen tokens whose label is
+    the argmax, chosen and rejected token counts. Inputs ``[n]``: ``entropy`` and ``mean_logit`` float,
+    ``is_top1`` and ``is_chosen`` bool."""
+    cd = torch.float64 if entropy.dtype == torch.float64 else torch.float32
+    chosen = is_chosen.to(cd)
+    rejected = 1 - chosen
+    entropy, mean_logit = entropy.detach().to(cd), mean_logit.detach().to(cd)
+    return torch.stack([entropy.sum(), (mean_logit * chosen).sum(), (mean_logit * rejected).sum(),
+                        (is_top1.to(cd) * chosen).sum(), chosen.sum(), rejected.sum()])
+
+
+def token_stat_means(sums: torch.Tensor, group=None) -> dict[str, torch.Tensor]:
+    """``TOKEN_STAT_METRICS`` and the counts ``tokens/{chosen,rejected}`` from ``token_stat_sums``' ``[6]``
+    (summed over ``group`` first when given), each a scalar; a mean over no tokens is 0 (TRL's convention)."""
+    if group is not None:
+        sums = all_reduce_sum(sums, group)
+    entropy, chosen_logits, rejected_logits, correct, n_chosen, n_rejected = sums.unbind(0)
+
+    def mean(total, count):
+        return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+    return {"entropy": mean(entropy, n_chosen + n_rejected), "logits/chosen": mean(chosen_logits, n_chosen),
+            "logits/rejected": mean(rejected_logits, n_rejected), "mean_token_accuracy": mean(correct, n_chosen),
+            "tokens/chosen": n_chosen, "tokens/rejected": n_rejected}
+
+
+# ----------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------
 
@@ -252,7 +290,7 @@ def fused_tis_dpo_loss(
     token_weights=None, contrastive_logps=None, weight_transform="origin", transform_kwargs=None,
     beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0, loss_weights=None, discopop_tau=0.05,
     ld_alpha=None, use_weighting=False, ignore_index=-100, cu_seqlens=None, backend="auto", chunk_size=None,
-    deterministic=False, grad_filter_eps=None, row_index=None, group=None, fp32_precision="tf32",
+    deterministic=False, grad_filter_eps=None, row_index=None, group=None, fp32_precision="tf32", token_stats=False,
 ):
     """TIS-DPO / DPO / TDPO loss from last hidden states, never materialising ``[tokens, V]`` logits.
 
@@ -320,12 +358,21 @@ def fused_tis_dpo_loss(
             never flips that process-wide flag) or ``"ieee"`` (full fp32 products, several times slower; the split
             path computes them in fp64 when the process allows tf32). Half-precision inputs and the torch path are
             unaffected.
+        token_stats: also the policy's per-token statistics behind TRL's ``DPOTrainer`` metrics, computed in the
+            same pass over the vocabulary (no logits; docs/design.md §4), without gradient (default False: not
+            computed, no cost). A backend without them refuses (``backends.TABLE``).
     Returns:
         ``(loss, metrics)``: scalar loss (float32, float64 for float64 inputs) and a dict of detached
         scalars averaged over pairs: ``rewards/{chosen,rejected,margins,accuracies}``,
         ``logps/{chosen,rejected}`` (summed, unweighted), ``logps/{chosen,rejected}_weighted``,
         ``weights/{chosen,rejected}_mean`` (these include the ``ld_alpha`` weights), with a KL variant
-        ``kl/{chosen,rejected}`` and with ``use_weighting`` ``weights/wpo_pair_mean``.
+        ``kl/{chosen,rejected}`` and with ``use_weighting`` ``weights/wpo_pair_mean``. With ``token_stats``, means
+        over response tokens (not pairs; over the group's tokens with ``group``), TRL's names and definitions:
+        ``entropy`` (of the policy's next-token distribution, chosen and rejected tokens), ``logits/chosen`` and
+        ``logits/rejected`` (the logit averaged over the vocabulary), ``mean_token_accuracy`` (chosen tokens whose
+        label is the argmax, the first index winning ties), each 0 over no tokens; and ``tokens/chosen``,
+        ``tokens/rejected``, the counts they average over (``TOKEN_STAT_COUNTS``: calls combine as the sum of
+        mean x count over the sum of count).
     Raises:
         ``ValueError`` naming the argument for bad input, including a NaN/inf in ``hidden`` (response rows),
         ``weight``, ``bias`` or their ``ref_`` twins, found when the loss or a per-sequence sum is not finite
@@ -396,9 +443,15 @@ def fused_tis_dpo_loss(
             raise ValueError("ld_alpha with group= is not supported: LD-DPO's shared length is a per-rank position "
                              "here, and a sequence's rows are split across the group")
     opts = kernel_options(chunk_size, deterministic, grad_filter_eps, fp32_precision)
+    if not isinstance(token_stats, bool):
+        raise TypeError(f"token_stats must be a bool, got {type(token_stats).__name__}")
     impl = resolve(backend, hidden.device, weight.shape[1], dtype=hidden.dtype, kl=kl,
-                   grad_filter_eps=grad_filter_eps, use_weighting=use_weighting)
-    wpo = {"log_collision": True} if use_weighting else {}  # only backends with log_collision take it
+                   grad_filter_eps=grad_filter_eps, use_weighting=use_weighting, token_stats=token_stats)
+    extras = {}  # only backends with log_collision / token_stats take these
+    if use_weighting:
+        extras["log_collision"] = True
+    if token_stats:
+        extras["token_stats"] = True
     rows = _response_rows(labels, cu_seqlens, ignore_index, group)
     hidden_index = rows.index if row_index is None else row_index.to(torch.long)[rows.index]
     h_rows = _gather_rows(hidden, hidden_index)
@@ -407,13 +460,14 @@ def fused_tis_dpo_loss(
         mode = "tis" if kl == "tisdpo" else "tdpo"
         ref_rows = _gather_rows(ref_hidden.detach(), hidden_index)
         out = impl.kl(h_rows, weight, rows.labels, ref_rows, ref_weight.detach(), mode, bias,
-                      None if ref_bias is None else ref_bias.detach(), opts, **wpo)
+                      None if ref_bias is None else ref_bias.detach(), opts, **extras)
         logps, lpref, token_kl = out[:3]
         if use_weighting:
             collision = out[3]
     else:
-        out = impl.logprobs(h_rows, weight, rows.labels, bias, opts, **wpo)
-        logps, collision = out if use_weighting else (out, None)
+        out = impl.logprobs(h_rows, weight, rows.labels, bias, opts, **extras)
+        out = out if isinstance(out, tuple) else (out,)
+        logps, collision = out[0], (out[1] if use_weighting else None)
         if ref_logps is not None:
             lpref = ref_logps.reshape(-1)[rows.index].to(logps.dtype)
         else:
@@ -437,6 +491,10 @@ def fused_tis_dpo_loss(
     if group is not None:
         sums = all_reduce_sequence_sums(sums, group)
     loss, metrics = pair_objective(sums, options)
+    if token_stats:  # the policy's entropy and is-top-1 come last from the head function
+        stat_sums = token_stat_sums(out[-2], mean_logits(h_rows, weight, bias), out[-1],
+                                    rows.seq_ids < rows.num_seqs // 2)
+        metrics.update(token_stat_means(stat_sums, group))
     ref_rows = None if ref_hidden is None else (lambda: _gather_rows(ref_hidden, hidden_index))
     _check_finite_result(torch.cat([loss.detach().reshape(1), sums.M.detach(), sums.LP.detach(), sums.K.detach()]),
                          (("hidden", h_rows), ("weight", weight), ("bias", bias), ("ref_hidden", ref_rows),
@@ -451,7 +509,7 @@ class FusedTISDPOLoss(torch.nn.Module):
     def __init__(self, *, beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0, loss_weights=None,
                  discopop_tau=0.05, ld_alpha=None, use_weighting=False, weight_transform="origin",
                  transform_kwargs=None, ignore_index=-100, backend="auto", chunk_size=None, deterministic=False,
-                 grad_filter_eps=None, fp32_precision="tf32"):
+                 grad_filter_eps=None, fp32_precision="tf32", token_stats=False):
         super().__init__()
         self.options = dict(beta=beta, alpha=alpha, kl=kl, loss_type=loss_type, label_smoothing=label_smoothing,
                             loss_weights=loss_weights, discopop_tau=discopop_tau, ld_alpha=ld_alpha,
@@ -459,7 +517,7 @@ class FusedTISDPOLoss(torch.nn.Module):
                             weight_transform=weight_transform, transform_kwargs=transform_kwargs,
                             ignore_index=ignore_index, backend=backend, chunk_size=chunk_size,
                             deterministic=deterministic, grad_filter_eps=grad_filter_eps,
-                            fp32_precision=fp32_precision)
+                            fp32_precision=fp32_precision, token_stats=token_stats)
 
     def forward(self, hidden, weight, labels, **tensors):
         return fused_tis_dpo_loss(hidden, weight, labels, **tensors, **self.options)

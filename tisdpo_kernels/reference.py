@@ -49,6 +49,20 @@ def reference_log_collision(hidden, weight, *, bias=None):
     return torch.logsumexp(2 * _full_log_softmax(hidden, weight, bias), dim=-1)
 
 
+def reference_token_stats(hidden, weight, labels, *, bias=None):
+    """The policy's per-token statistics behind TRL's ``DPOTrainer`` metrics, on materialised logits:
+    ``(entropy, mean_logit, is_top1)``, each ``[...]`` for hidden ``[..., D]`` and labels ``[...]`` (valid
+    labels): ``sum_v entr(softmax(z))``, ``z.mean(-1)`` and ``argmax(z) == labels`` (bool; ``argmax`` returns the
+    first maximum). float32 (float64 for float64 inputs), no gradient."""
+    with torch.no_grad():
+        cd = _compute_dtype(hidden)
+        logits = hidden.to(cd) @ weight.to(cd).T
+        if bias is not None:
+            logits = logits + bias.to(cd)
+        entropy = torch.special.entr(torch.softmax(logits, dim=-1)).sum(-1)
+        return entropy, logits.mean(-1), logits.argmax(-1) == labels
+
+
 def reference_token_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, mode="tis"):
     """Per-token KL over the full vocabulary: ``mode="tis"`` is KL(pi_theta || pi_ref), ``"tdpo"``
     is KL(pi_ref || pi_theta). Shapes ``[..., D]`` -> ``[...]``; the reference side is not detached
@@ -66,7 +80,7 @@ def reference_tis_dpo_loss(
     hidden, weight, labels, *, bias=None, ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
     token_weights=None, contrastive_logps=None, weight_transform="origin", transform_kwargs=None,
     beta=0.1, alpha=0.5, kl=None, loss_type="sigmoid", label_smoothing=0.0, loss_weights=None, discopop_tau=0.05,
-    ld_alpha=None, use_weighting=False, ignore_index=-100, cu_seqlens=None,
+    ld_alpha=None, use_weighting=False, ignore_index=-100, cu_seqlens=None, token_stats=False,
 ):
     """The TIS-DPO family loss on materialised logits; same arguments and outputs as
     ``tisdpo_kernels.fused_tis_dpo_loss`` (no input validation but the scalar options': pass valid inputs)."""
@@ -106,7 +120,20 @@ def reference_tis_dpo_loss(
     collision = reference_log_collision(h[mask], weight, bias=bias) if use_weighting else None
     sums = sequence_sums(lp_all[mask], lpref_all[mask], w, seq_ids, layout.num_seqs, token_kl=token_kl, kl=kl,
                          log_collision=collision)
-    return pair_objective(sums, options)
+    loss, metrics = pair_objective(sums, options)
+    if token_stats:
+        entropy, mean_logit, is_top1 = reference_token_stats(h[mask], weight, y[mask], bias=bias)
+        chosen = is_chosen[mask]
+        n_chosen, n_rejected = chosen.sum().to(cd), (~chosen).sum().to(cd)
+        metrics.update({
+            "entropy": entropy.mean(),
+            "logits/chosen": mean_logit[chosen].mean() if n_chosen else torch.zeros((), dtype=cd),
+            "logits/rejected": mean_logit[~chosen].mean() if n_rejected else torch.zeros((), dtype=cd),
+            "mean_token_accuracy": is_top1[chosen].to(cd).mean() if n_chosen else torch.zeros((), dtype=cd),
+            "tokens/chosen": n_chosen, "tokens/rejected": n_rejected,
+        })
+    return loss, metrics
 
 
-__all__ = ["reference_linear_logprobs", "reference_log_collision", "reference_tis_dpo_loss", "reference_token_kl"]
+__all__ = ["reference_linear_logprobs", "reference_log_collision", "reference_tis_dpo_loss", "reference_token_kl",
+           "reference_token_stats"]

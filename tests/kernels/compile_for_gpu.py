@@ -10,7 +10,8 @@
    2 x 8192 response tokens) and at D=2048, V=32000 with 16381 rows (not a multiple of 16, as real
    token counts): the all-Triton forward/backward of ``ops/linear_logprobs.py`` (atomic, deterministic,
    filtered), the split path of ``ops/linear_split.py`` -- every KL mode in bf16, fp16 and fp32, bf16
-   with and without a bias, the KL backward with and without a KL gradient -- and the pair-loss kernels
+   with and without a bias, the KL backward with and without a KL gradient; both forwards with
+   ``token_stats`` (no KL and ``tis``, bf16 and fp32) -- and the pair-loss kernels
    in the variants the loss launches (DPO, given token weights, contrastive weights under each
    transform; no KL, ``tisdpo``, ``tdpo``; the gradients a trainer asks for). The record is Triton's own
    specialization of each launch -- pointer alignment, ``stride == 1`` and divisible-by-16 integers,
@@ -103,6 +104,12 @@ def _launches(record):
                     ls.split_backward(h, w, bias, labels, g, g, params, **stats_kw)
                     if kl:  # the KL's value without its gradient (a loss that only reports it)
                         ls.split_backward(h, w, bias, labels, g, g, params, **{**stats_kw, "grad_kl": None})
+                    if kl in (0, 1) and dtype != torch.float16:  # the trainer's forwards: token statistics on
+                        record(f"triton-stats-{tag}")
+                        ll.linear_forward(h, w, bias, labels, ll.LinearParams(kl_mode=kl, token_stats=True), ref=ref)
+                        record(f"split-stats-{tag}")
+                        ls.split_forward(h, w, bias, labels, ls.SplitParams(kl_mode=kl, elementwise="triton",
+                                                                            token_stats=True), ref=ref)
         _pair_launches(record, shape, n, meta)
 
 

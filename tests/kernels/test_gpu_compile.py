@@ -12,7 +12,7 @@ cubin. ``compile_for_gpu.problems`` then holds, for every launch:
 
 The check itself is checked: three planted kernels (a spill, a one-warp bf16 dot, a 512 KiB pipeline)
 must each fail it, for its own reason, and ``problems`` flags hand-made results of each kind. Each
-compiling test runs in a subprocess without ``TRITON_INTERPRET`` (the 168 launches: about 3 minutes on 2
+compiling test runs in a subprocess without ``TRITON_INTERPRET`` (the 186 launches: about 4.5 minutes on 2
 cores with a cold Triton cache; the planted kernels: under a minute).
 """
 
@@ -61,6 +61,9 @@ def test_every_launch_compiles_for_sm90a_without_spills_and_with_wgmma():
         for variant in ("atomic", "deterministic", "filtered"):
             assert {f"triton-{variant}-kl0-bfloat16-{shape}", f"triton-{variant}-kl0-bfloat16-{shape}-bias"} <= labels
         assert f"split-kl0-bfloat16-{shape}-bias" in labels
+        for kl in (0, 1):  # the forwards with token statistics (the trainer's)
+            for dtype in ("bfloat16", "float32"):
+                assert {f"triton-stats-kl{kl}-{dtype}-{shape}", f"split-stats-kl{kl}-{dtype}-{shape}"} <= labels
         for source in ("dpo", "weights", "contrastive-origin", "contrastive-exp_clamp"):
             for kl in ("None", "tisdpo", "tdpo1"):
                 assert f"pair-{source}-kl{kl}-{shape}" in labels, (source, kl, shape)

@@ -230,7 +230,8 @@ def group_problem(dtype=torch.float64):
 
 
 # `group=` cases: name -> loss options (WPO's use_weighting adds the optional per-sequence sum LPA)
-GROUP_CASES = {"dpo": {}, "tisdpo-kl": {"kl": "tisdpo"}, "wpo": {"use_weighting": True}}
+GROUP_CASES = {"dpo": {}, "tisdpo-kl": {"kl": "tisdpo"}, "wpo": {"use_weighting": True},
+               "token-stats": {"kl": "tisdpo", "token_stats": True}}
 
 
 def group_loss(tensors, options, group=None):

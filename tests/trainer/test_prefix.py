@@ -151,8 +151,9 @@ def _records(name):
 
 @pytest.mark.parametrize("case", list(STEP_CASES))
 def test_step_equals_unshared(tok, quick_args, case):
-    """compute_loss + backward with prefix_sharing=True equals prefix_sharing=False: loss, every metric and the
-    gradient of every parameter (float32 bound: module docstring; float64: see below)."""
+    """compute_loss + backward with prefix_sharing=True equals prefix_sharing=False: loss, every metric (TRL's
+    per-token ones and the `num_tokens` count included) and the gradient of every parameter (float32 bound:
+    module docstring; float64: see below)."""
     _check_step(tok, quick_args, case, STEP_CASES[case])
 
 
@@ -185,9 +186,11 @@ def _check_step(tok, quick_args, case, options):
         policy.zero_grad()
         loss, metrics = trainer.compute_loss(policy, batch, return_outputs=True)
         loss.backward()
-        results.append((loss.detach(), metrics, _grads(policy), batch["input_ids"].numel()))
-    (loss_a, metrics_a, grads_a, tokens_a), (loss_b, metrics_b, grads_b, tokens_b) = results
+        num_tokens = trainer._metrics["train" if policy.training else "eval"]["num_tokens"]
+        results.append((loss.detach(), metrics, _grads(policy), batch["input_ids"].numel(), num_tokens))
+    (loss_a, metrics_a, grads_a, tokens_a, counted_a), (loss_b, metrics_b, grads_b, tokens_b, counted_b) = results
     assert tokens_b < tokens_a
+    assert counted_a == counted_b  # TRL's num_tokens: a shared prompt counts once per sequence
     assert set(metrics_a) == set(metrics_b) and set(grads_a) == set(grads_b)
     errs = {"loss": _max_rel(loss_b, loss_a)}
     # a margin is a difference of two rewards: its rounding is relative to the rewards' size

@@ -81,12 +81,13 @@ def test_step_matches_reference_loss(tok, quick_args, case):
         _decoder_hidden(policy, batch), policy.lm_head.weight, batch["labels"],
         token_weights=apply_weight_transform(batch["token_weights"].double(), args.weight_transform,
                                              **(args.weight_transform_kwargs or {})),
-        beta=0.3, alpha=args.alpha, kl=args.kl, **args.pair_loss_kwargs(), **tensors,
+        beta=0.3, alpha=args.alpha, kl=args.kl, **args.pair_loss_kwargs(), **tensors, token_stats=True,
     )
     want_loss.backward()
     want = _grads(policy)
     print(f"{case}: loss {loss.item():.12g} vs {want_loss.item():.12g}")
     torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
+    assert {"entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"} <= set(want_metrics)
     for name in want_metrics:
         torch.testing.assert_close(metrics[name], want_metrics[name], rtol=1e-9, atol=1e-12, msg=name)
     assert set(got) == set(want)
@@ -284,7 +285,8 @@ def test_resume_from_checkpoint_equals_uninterrupted(tok, quick_args):
 
 
 def test_two_process_run_matches_one_process(tmp_path):
-    """torchrun with 2 CPU processes (gloo) x 2 pairs each gives the same per-step losses, metrics and final weights
+    """torchrun with 2 CPU processes (gloo) x 2 pairs each gives the same per-step losses, metrics (TRL's per-token
+    ones and `num_tokens` included) and final weights
     as 1 process x 4 pairs: steps 2 and 3 only match if the first gradients were averaged across processes. The
     2-process run precomputes its reference log-probs (main process first, the other reads the cache) while the
     1-process run computes them on the fly: equal up to the cache's float32 rounding."""
@@ -308,8 +310,12 @@ def test_two_process_run_matches_one_process(tmp_path):
     for a, b in zip(single, double, strict=True):
         print(f"step {a['step']}: 1 process {a['loss']:.8f}, 2 processes {b['loss']:.8f}")
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-        for name in ("rewards/margins", "rewards/accuracies", "logps/chosen"):
+        # the per-token metrics are the sum of the processes' sums over the sum of their counts (TRL's), not a mean
+        # of the processes' means: equal to one process's although the two halves hold different token counts
+        for name in ("rewards/margins", "rewards/accuracies", "logps/chosen", "entropy", "logits/chosen",
+                     "logits/rejected", "mean_token_accuracy"):
             assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-6), name
+        assert b["num_tokens"] == a["num_tokens"]
     assert single[2]["loss"] != pytest.approx(single[0]["loss"], rel=1e-3)  # the weights did move
     from safetensors.torch import load_file
 

@@ -89,3 +89,55 @@ def test_weighted_combination_with_ld_alpha_and_wpo_equals_trl_dpo_trainer(setup
     trl_result = _trl_step(trainer, policy, batch, types, weights, 0.0, ld_alpha, use_weighting)
     _compare(trl_result, _our_step(policy, ref, batch, loss_type=types, loss_weights=weights, ld_alpha=ld_alpha,
                                    use_weighting=use_weighting))
+
+
+TOKEN_METRICS = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy", "num_tokens")
+
+
+def _head_with_ties(policy, batch):
+    """Make the policy's two most frequent chosen completion tokens tie for the argmax on many positions: both
+    LM-head rows become the same row pointing along the mean last hidden state (so `mean_token_accuracy` is
+    neither 0 nor 1 and a label tied with an earlier index does not count, in TRL's kernel as in ours)."""
+    ids, mask, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    half = ids.shape[0] // 2
+    labels = ids[:half, 1:][completion[:half, 1:].bool()]
+    first, second = torch.bincount(labels).topk(2).indices.tolist()
+    with torch.no_grad():
+        h = policy.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        direction = h[completion.bool()].mean(0)
+        row = policy.lm_head.weight[first] + 4 * direction / direction.norm() ** 2
+        policy.lm_head.weight[first] = row
+        policy.lm_head.weight[second] = row
+    return first, second
+
+
+def test_token_metrics_equal_trl_dpo_trainer(tok, quick_args, tmp_path):
+    """TISDPOTrainer logs TRL's `entropy`, `logits/chosen`, `logits/rejected`, `mean_token_accuracy` and
+    `num_tokens` with the values TRL's DPOTrainer logs for the same batch and models (two training micro-batches
+    then `log`, so the averaging over micro-batches and the running token count are TRL's too), on a head where
+    two tokens tie for the argmax. Tolerance `RTOL` (TRL's fused head is float32, ours float64 here)."""
+    from tisdpo import TISDPOConfig, TISDPOTrainer
+
+    policy, ref = tiny_llama(len(tok), seed=2).double(), tiny_llama(len(tok), seed=3).double()
+    data = dataset_of(synthetic_pairs(4))
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, report_to="none", bf16=False,
+                         gradient_checkpointing=False, per_device_train_batch_size=4, beta=BETA)
+    theirs = trl.DPOTrainer(policy, ref_model=ref, args=args, train_dataset=data, processing_class=tok)
+    batch = theirs.data_collator([theirs.train_dataset[i] for i in range(4)])
+    smaller = theirs.data_collator([theirs.train_dataset[i] for i in range(2)])
+    _head_with_ties(policy, batch)
+    ours = TISDPOTrainer(policy, ref_model=ref, args=TISDPOConfig(**quick_args, beta=BETA), train_dataset=data,
+                         processing_class=tok)
+    policy.train()
+    logged = {}
+    for name, trainer in (("trl", theirs), ("ours", ours)):
+        for b in (batch, smaller):
+            trainer.compute_loss(trainer.model, dict(b))
+        trainer.log({"loss": 0.0})
+        logged[name] = trainer.state.log_history[-1]
+    print({name: {k: logs[k] for k in TOKEN_METRICS} for name, logs in logged.items()})
+    assert 0 < logged["trl"]["mean_token_accuracy"] < 1
+    assert logged["ours"]["num_tokens"] == logged["trl"]["num_tokens"] == int(batch["attention_mask"].sum()
+                                                                              + smaller["attention_mask"].sum())
+    for key in TOKEN_METRICS:
+        assert logged["ours"][key] == pytest.approx(logged["trl"][key], rel=RTOL, abs=RTOL), key

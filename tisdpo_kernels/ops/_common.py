@@ -8,6 +8,8 @@
   the one check of ``linear_kl.py``, ``linear_split.py`` and ``loss.py``), ``check_triton_device``,
   ``check_precision``.
 - ``RefHead`` and ``ForwardStats``: what a backend's forward launcher takes and returns.
+- ``top1_from_maxima`` and ``mean_logits``: the per-token statistics of ``token_stats`` (docs/design.md §4) that
+  need no streaming state of their own.
 - ``head_functions``: the two autograd Functions (log-probs; log-probs, reference log-probs and token KL) around a
   backend's forward and backward launchers, shared by ``linear_logprobs.py`` / ``linear_kl.py`` and
   ``linear_split.py``.
@@ -123,20 +125,47 @@ class RefHead:
 
 @dataclass(frozen=True)
 class ForwardStats:
-    """Per-row outputs of the forward, each ``[n]`` fp32; the ``ref_*`` and ``kl`` fields only with a KL mode."""
+    """Per-row outputs of the forward, each ``[n]`` fp32; the ``ref_*`` and ``kl`` fields only with a KL mode;
+    ``entropy`` (of the policy's next-token distribution) and ``is_top1`` (``[n]`` bool: the label is the
+    policy's argmax, the first index winning ties) only when the launcher's params ask for ``token_stats``."""
 
     logps: torch.Tensor
     lse: torch.Tensor
     ref_logps: torch.Tensor | None = None
     ref_lse: torch.Tensor | None = None
     kl: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, device: torch.device, with_ref: bool) -> ForwardStats:
+    def empty(cls, device: torch.device, with_ref: bool, token_stats: bool = False) -> ForwardStats:
         """The stats of zero rows: a distinct ``[0]`` tensor per field (the KL Function marks ``ref_logps``
         non-differentiable; were it the same tensor as ``logps`` and ``kl``, it would mark all three)."""
         fields = 5 if with_ref else 2
-        return cls(*(torch.empty(0, dtype=torch.float32, device=device) for _ in range(fields)))
+        stats = [torch.empty(0, dtype=torch.float32, device=device) for _ in range(fields)]
+        stats += [None] * (5 - fields)
+        if token_stats:
+            stats += [torch.empty(0, dtype=torch.float32, device=device),
+                      torch.empty(0, dtype=torch.bool, device=device)]
+        return cls(*stats)
+
+
+def top1_from_maxima(label_logit: torch.Tensor, row_max: torch.Tensor, max_before_label: torch.Tensor) -> torch.Tensor:
+    """``[n]`` bool: the label is ``argmax`` of its row (first index winning ties), from the label's logit, the
+    row's maximum and the maximum over the columns before the label (each ``[n]`` fp32, ``-inf`` for none)."""
+    return (label_logit >= row_max) & (label_logit > max_before_label)
+
+
+def mean_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``(hidden @ weight.T + bias).mean(-1)`` without the logits: ``hidden @ mean_v(weight) + mean(bias)``, one
+    ``[n, D] x [D]`` product. ``hidden [n, D]``, ``weight [V, D]``, ``bias [V]`` or None -> ``[n]`` fp32 (fp64
+    for fp64 inputs); no gradient."""
+    cd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        out = hidden.to(cd) @ weight.sum(0, dtype=cd).div_(weight.shape[0])
+        if bias is not None:
+            out += bias.sum(dtype=cd) / bias.shape[0]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +176,8 @@ class ForwardStats:
 def head_functions(prefix: str, launch_forward: Callable[..., ForwardStats], launch_backward: Callable[..., tuple]):
     """The autograd Functions of one backend's launchers: ``({prefix}LogprobsFunction, {prefix}KLFunction)``.
 
-    ``launch_forward(hidden, weight, bias, labels, params, ref=None) -> ForwardStats``;
+    ``launch_forward(hidden, weight, bias, labels, params, ref=None) -> ForwardStats``, with ``entropy`` and
+    ``is_top1`` when ``params.token_stats`` (the Functions then also return them, without gradient);
     ``launch_backward(hidden, weight, bias, labels, lse, grad_logps, params, needs, ref=None, ref_lse=None,
     token_kl=None, grad_kl=None) -> (d_hidden, d_weight, d_bias)`` (None where ``needs`` says no).
     """
@@ -160,10 +190,13 @@ def head_functions(prefix: str, launch_forward: Callable[..., ForwardStats], lau
             stats = launch_forward(hidden, weight, bias, labels, params)
             ctx.save_for_backward(hidden, weight, bias, labels, stats.lse)
             ctx.params = params
-            return stats.logps
+            if not params.token_stats:
+                return stats.logps
+            ctx.mark_non_differentiable(stats.entropy, stats.is_top1)
+            return stats.logps, stats.entropy, stats.is_top1
 
         @staticmethod
-        def backward(ctx, grad_logps):
+        def backward(ctx, grad_logps, *_grad_token_stats):
             hidden, weight, bias, labels, lse = ctx.saved_tensors
             grads = launch_backward(hidden, weight, bias, labels, lse, grad_logps, ctx.params,
                                     ctx.needs_input_grad[:3])
@@ -179,11 +212,14 @@ def head_functions(prefix: str, launch_forward: Callable[..., ForwardStats], lau
             ctx.save_for_backward(hidden, weight, bias, labels, stats.lse, ref_hidden, ref_weight, ref_bias,
                                   stats.ref_lse, stats.kl)
             ctx.params = params
-            ctx.mark_non_differentiable(stats.ref_logps)
-            return stats.logps, stats.ref_logps, stats.kl
+            if not params.token_stats:
+                ctx.mark_non_differentiable(stats.ref_logps)
+                return stats.logps, stats.ref_logps, stats.kl
+            ctx.mark_non_differentiable(stats.ref_logps, stats.entropy, stats.is_top1)
+            return stats.logps, stats.ref_logps, stats.kl, stats.entropy, stats.is_top1
 
         @staticmethod
-        def backward(ctx, grad_logps, _grad_ref_logps, grad_kl):
+        def backward(ctx, grad_logps, _grad_ref_logps, grad_kl, *_grad_token_stats):
             hidden, weight, bias, labels, lse, ref_hidden, ref_weight, ref_bias, ref_lse, token_kl = ctx.saved_tensors
             grads = launch_backward(hidden, weight, bias, labels, lse, grad_logps, ctx.params,
                                     ctx.needs_input_grad[:3], ref=RefHead(ref_hidden, ref_weight, ref_bias),

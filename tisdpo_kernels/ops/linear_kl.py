@@ -24,7 +24,7 @@ from .linear_logprobs import LinearKLFunction, LinearParams
 
 
 def triton_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=None, ref_bias=None, *,
-                     deterministic=False, filter_eps=None, config=None, fp32_precision="tf32"):
+                     deterministic=False, filter_eps=None, config=None, fp32_precision="tf32", token_stats=False):
     """``(logps, ref_logps, token_kl)``, each ``[n]`` float32, with fused Triton kernels (no ``[n, V]`` logits).
 
     Plain-torch equivalent::
@@ -41,7 +41,8 @@ def triton_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=
         ref_hidden: ``[n, D_ref]``; ref_weight ``[V, D_ref]``; ref_bias ``[V]`` or None, same dtype as
             ``hidden``. Treated as constants (no gradient flows into them).
         mode: ``"tis"`` or ``"tdpo"``.
-        deterministic, filter_eps, config, fp32_precision: as in ``triton_linear_logprobs``.
+        deterministic, filter_eps, config, fp32_precision, token_stats: as in ``triton_linear_logprobs`` (the
+            policy's entropy and is-top-1 appended with ``token_stats``).
     Returns:
         ``(logps, ref_logps, token_kl)``: ``logps`` and ``token_kl`` differentiable w.r.t. the policy's
         hidden, weight and bias; ``ref_logps`` non-differentiable.
@@ -52,7 +53,8 @@ def triton_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=
     check_head(ref_hidden, ref_weight, ref_bias, prefix="ref_")
     check_ref_head(hidden, weight, ref_hidden, ref_weight)
     params = LinearParams(kl_mode=TOKEN_KL_CODES[mode], config=config, deterministic=deterministic,
-                          filter_eps=filter_eps, fp32_precision=check_precision(fp32_precision))
+                          filter_eps=filter_eps, fp32_precision=check_precision(fp32_precision),
+                          token_stats=bool(token_stats))
     # hidden and weight may be strided views; the kernels index labels and biases with unit stride
     return LinearKLFunction.apply(hidden, weight, unit_stride(bias), labels.contiguous(), ref_hidden.detach(),
                                   ref_weight.detach(), unit_stride(None if ref_bias is None else ref_bias.detach()),

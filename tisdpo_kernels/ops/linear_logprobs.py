@@ -3,7 +3,8 @@
 Computes ``logps[i] = log_softmax(hidden[i] @ weight.T + bias)[labels[i]]`` for response rows
 ``hidden [n, D]``. The forward tiles rows x vocabulary, forms each logit tile with ``tl.dot`` over
 ``D`` chunks, keeps an online log-sum-exp per row and picks the label logit out of the same tiles;
-it saves only the per-row log-sum-exp. The backward recomputes each logit tile from it, forms
+it saves only the per-row log-sum-exp (with ``token_stats`` it also forms the policy's entropy and is-top-1
+from two more running values per row, docs/design.md §4). The backward recomputes each logit tile from it, forms
 ``dz = g * (onehot(label) - p)`` and accumulates ``dH = dz @ W`` and ``dW = dz^T @ H`` (and
 ``dbias = sum_rows dz``) tile by tile, so no buffer larger than ``[n, D]`` / ``[V, D]`` ever exists.
 
@@ -40,7 +41,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ForwardStats, RefHead, check_head, check_precision, head_functions, unit_stride
+from ._common import (
+    ForwardStats,
+    RefHead,
+    check_head,
+    check_precision,
+    head_functions,
+    top1_from_maxima,
+    unit_stride,
+)
 from ._config import FWD_SPLITS, TARGET_WAVES, LinearConfig, interpreting, linear_config
 from ._jit import offsets64
 
@@ -82,14 +91,15 @@ def _linear_fwd_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr,
     # reference head (KL_MODE > 0): ref hidden [n, D_ref], ref weight [V, D_ref], ref bias [V]
     rh_ptr, rw_ptr, rb_ptr,
-    # outputs: per-split partial max / sum-of-exp / KL accumulator [splits, n]; label logits [n]
-    max_ptr, sum_ptr, label_ptr, ref_max_ptr, ref_sum_ptr, ref_label_ptr, kl_acc_ptr,
+    # outputs: per-split partial max / sum-of-exp / KL accumulator [splits, n]; label logits [n]; with TOKEN_STATS
+    # per-split sum_v exp(z - max) z and max logit over the columns before the label [splits, n]
+    max_ptr, sum_ptr, label_ptr, ref_max_ptr, ref_sum_ptr, ref_label_ptr, kl_acc_ptr, xs_ptr, mb_ptr,
     # sizes
     n, V, D, D_ref, tiles_per_split,
     # strides
     stride_hn, stride_hd, stride_wv, stride_wd, stride_rhn, stride_rhd, stride_rwv, stride_rwd,
     # flags and tiles
-    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, KL_MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, KL_MODE: tl.constexpr, TOKEN_STATS: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -112,6 +122,9 @@ def _linear_fwd_kernel(
         rs = tl.zeros((BLOCK_N,), tl.float32)
         ref_label_logit = tl.zeros((BLOCK_N,), tl.float32)
         kl_acc = tl.zeros((BLOCK_N,), tl.float32)
+    if TOKEN_STATS:
+        xs = tl.zeros((BLOCK_N,), tl.float32)
+        mb = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
@@ -126,6 +139,10 @@ def _linear_fwd_kernel(
         e = tl.exp(z_lse - m_new[:, None])  # 0 where cols >= V
         s = s * scale + tl.sum(e, 1)
         m = m_new
+        if TOKEN_STATS:  # entropy = lse - xs / s; the label is the argmax iff label >= m and label > mb
+            xs = xs * scale + tl.sum(e * tl.where(col_mask[None, :], z, 0.0), 1)
+            before = col_mask[None, :] & (cols[None, :] < labels[:, None])
+            mb = tl.maximum(mb, tl.max(tl.where(before, z, float("-inf")), 1))
         if KL_MODE != 0:
             zr = _logit_tile(rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, D_ref,
                              stride_rhn, stride_rhd, stride_rwv, stride_rwd,
@@ -149,6 +166,9 @@ def _linear_fwd_kernel(
     # exactly one split holds each row's label: only that one writes the label logit
     has_label = row_mask & (labels >= v_lo) & (labels < v_hi)
     tl.store(label_ptr + rows, label_logit, mask=has_label)
+    if TOKEN_STATS:
+        tl.store(xs_ptr + out, xs, mask=row_mask)
+        tl.store(mb_ptr + out, mb, mask=row_mask)
     if KL_MODE != 0:
         tl.store(ref_max_ptr + out, rm, mask=row_mask)
         tl.store(ref_sum_ptr + out, rs, mask=row_mask)
@@ -279,6 +299,7 @@ class LinearParams:
     ``config``: tile shapes (``None``: ``_config.linear_config(V, D)``). ``deterministic``: atomic-free
     backward. ``filter_eps``: skip gradient tiles whose probabilities are all below it (``None``: off).
     ``fp32_precision``: ``tl.dot`` precision for fp32 inputs, ``"tf32"`` (tensor cores) or ``"ieee"``.
+    ``token_stats``: the forward also forms the policy's entropy and is-top-1 per row.
     """
 
     kl_mode: int = 0
@@ -286,6 +307,7 @@ class LinearParams:
     deterministic: bool = False
     filter_eps: float | None = None
     fp32_precision: str = "tf32"
+    token_stats: bool = False
 
 
 @functools.cache
@@ -332,7 +354,7 @@ def linear_forward(hidden, weight, bias, labels, params: LinearParams, ref: RefH
     vocab = weight.shape[0]
     dev = hidden.device
     if n == 0:
-        return ForwardStats.empty(dev, ref is not None)
+        return ForwardStats.empty(dev, ref is not None, params.token_stats)
     cfg = _resolve_config(params, weight)
     tile = cfg.forward_tile(params.kl_mode)
     row_blocks = triton.cdiv(n, tile.block_n)
@@ -351,26 +373,32 @@ def linear_forward(hidden, weight, bias, labels, params: LinearParams, ref: RefH
         rm, rs, ref_label_logit, kl_acc = _f32(dev, splits, n), _f32(dev, splits, n), _f32(dev, n), _f32(dev, splits, n)
     else:  # never touched by the kernel (KL_MODE=0): any fp32 buffers do
         rm, rs, ref_label_logit, kl_acc = m, s, label_logit, m
+    xs, mb = (_f32(dev, splits, n), _f32(dev, splits, n)) if params.token_stats else (m, m)
     (rh, rw, rb), d_ref, ref_strides, has_ref_bias = _ref_args(ref, hidden, weight, bias)
     _linear_fwd_kernel[(splits, row_blocks)](
         hidden, weight, bias, labels, rh, rw, rb,
-        m, s, label_logit, rm, rs, ref_label_logit, kl_acc,
+        m, s, label_logit, rm, rs, ref_label_logit, kl_acc, xs, mb,
         n, vocab, d, d_ref, tiles_per_split,
         *hidden.stride(), *weight.stride(), *ref_strides,
-        HAS_BIAS=bias is not None, HAS_REF_BIAS=has_ref_bias, KL_MODE=params.kl_mode,
+        HAS_BIAS=bias is not None, HAS_REF_BIAS=has_ref_bias, KL_MODE=params.kl_mode, TOKEN_STATS=params.token_stats,
         **_kernel_flags(hidden.dtype, params.fp32_precision),
         BLOCK_N=tile.block_n, BLOCK_V=tile.block_v, BLOCK_D=tile.block_d,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     lse, top = _combine_lse(m, s)
+    token_stats = {}
+    if params.token_stats:  # the splits' xs rescaled to the row max like their sums of exp (_combine_lse)
+        rescale = torch.exp(m - top)
+        entropy = lse - (xs * rescale).sum(0) / (s * rescale).sum(0)
+        token_stats = dict(entropy=entropy, is_top1=top1_from_maxima(label_logit, top, mb.max(0).values))
     if not kl:
-        return ForwardStats(label_logit - lse, lse)
+        return ForwardStats(label_logit - lse, lse, **token_stats)
     ref_lse, ref_top = _combine_lse(rm, rs)
     if params.kl_mode == 1:  # KL(p||q) = sum p (z - z_ref) - lse + lse_ref
         token_kl = (kl_acc * torch.exp(m - top)).sum(0) / torch.exp(lse - top) - lse + ref_lse
     else:  # KL(q||p) = sum q (z_ref - z) - lse_ref + lse
         token_kl = (kl_acc * torch.exp(rm - ref_top)).sum(0) / torch.exp(ref_lse - ref_top) - ref_lse + lse
-    return ForwardStats(label_logit - lse, lse, ref_label_logit - ref_lse, ref_lse, token_kl)
+    return ForwardStats(label_logit - lse, lse, ref_label_logit - ref_lse, ref_lse, token_kl, **token_stats)
 
 
 def _f32(device, *shape):
@@ -456,7 +484,7 @@ LinearLogprobsFunction, LinearKLFunction = head_functions("Linear", linear_forwa
 
 
 def triton_linear_logprobs(hidden, weight, labels, bias=None, *, deterministic=False, filter_eps=None, config=None,
-                           fp32_precision="tf32"):
+                           fp32_precision="tf32", token_stats=False):
     """Label log-probs of response rows with fused Triton kernels (no ``[n, V]`` logits).
 
     Plain-torch equivalent::
@@ -471,12 +499,15 @@ def triton_linear_logprobs(hidden, weight, labels, bias=None, *, deterministic=F
         filter_eps: skip gradient tiles whose probabilities all stay below this (e.g. ``2**-12``); None = exact.
         config: a ``_config.LinearConfig`` overriding the checked-in tile shapes.
         fp32_precision: fp32 inputs: ``"tf32"`` tensor-core dots (default) or ``"ieee"`` (FFMA, exact products).
+        token_stats: also return, without gradient, each row's entropy (``[n]`` float32) and whether its label is
+            the argmax (``[n]`` bool, the first index winning ties), formed in the forward's tiles.
     Returns:
-        ``[n]`` float32, differentiable w.r.t. hidden, weight and bias (gradients in their dtype).
+        ``[n]`` float32, differentiable w.r.t. hidden, weight and bias (gradients in their dtype); with
+        ``token_stats`` ``(logps, entropy, is_top1)``.
     """
     check_head(hidden, weight, bias, labels)
     params = LinearParams(kl_mode=0, config=config, deterministic=deterministic, filter_eps=filter_eps,
-                          fp32_precision=check_precision(fp32_precision))
+                          fp32_precision=check_precision(fp32_precision), token_stats=bool(token_stats))
     # hidden and weight may be strided views; the kernels index labels and bias with unit stride
     return LinearLogprobsFunction.apply(hidden, weight, unit_stride(bias), labels.contiguous(), params)
 

@@ -6,7 +6,8 @@ columns at a time, with the large products on the vendor GEMM and the elementwis
 
 - forward, per split ``s`` (and per row chunk when ``n x S`` alone passes the scratch cap):
   ``z = H W_s^T`` (fp32 accumulate, fp32 result), then ``_split_stats_kernel`` merges the split into
-  per-row statistics (online max / sum of exp, label logit, KL accumulator). Only ``[n]`` vectors
+  per-row statistics (online max / sum of exp, label logit, KL accumulator; with ``token_stats`` the
+  entropy's ``sum exp(z - m) z`` and the max before the label, docs/design.md §4). Only ``[n]`` vectors
   survive between splits.
 - backward, per split: recompute ``z`` (and the reference's ``z_ref`` with a KL mode), one
   ``_split_dz_kernel`` pass forms ``dz = g (onehot - p)`` plus the KL term (TIS ``g_kl p (log p - log q -
@@ -75,6 +76,7 @@ from ._common import (
     check_precision,
     check_ref_head,
     head_functions,
+    top1_from_maxima,
     unit_stride,
 )
 from ._config import (
@@ -97,11 +99,12 @@ from ._jit import offsets64
 def _split_stats_kernel(
     # this split's fp32 logits [rows, cols] (contiguous); the reference's with a KL mode; biases [V]
     z_ptr, zr_ptr, b_ptr, rb_ptr, labels_ptr,
-    # per-row running statistics [n] fp32, read and updated in place
-    m_ptr, s_ptr, label_ptr, rm_ptr, rs_ptr, ref_label_ptr, acc_ptr,
+    # per-row running statistics [n] fp32, read and updated in place; with TOKEN_STATS also
+    # sum_v exp(z - m) z (rescaled with s) and the max logit over the columns before the label
+    m_ptr, s_ptr, label_ptr, rm_ptr, rs_ptr, ref_label_ptr, acc_ptr, xs_ptr, mb_ptr,
     # where the block sits: rows [row0, row0 + rows) of n, columns [v0, v0 + cols) of V
     rows, cols, row0, v0,
-    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, KL_MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, KL_MODE: tl.constexpr, TOKEN_STATS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Program = BLOCK_R rows: fold this split's columns into the rows' online log-sum-exp statistics."""
@@ -117,6 +120,9 @@ def _split_stats_kernel(
         rs = tl.load(rs_ptr + rows_g, mask=row_mask, other=0.0)
         ref_label_logit = tl.load(ref_label_ptr + rows_g, mask=row_mask, other=0.0)
         acc = tl.load(acc_ptr + rows_g, mask=row_mask, other=0.0)
+    if TOKEN_STATS:
+        xs = tl.load(xs_ptr + rows_g, mask=row_mask, other=0.0)
+        mb = tl.load(mb_ptr + rows_g, mask=row_mask, other=float("-inf"))
     base = offsets64(local, cols)[:, None]  # rows x cols passes 2**31 at large caps
     for c0 in range(0, cols, BLOCK_S):
         c = c0 + tl.arange(0, BLOCK_S)
@@ -134,6 +140,10 @@ def _split_stats_kernel(
         e = tl.exp(z_lse - m_safe[:, None])  # 0 where masked
         s = s * scale + tl.sum(e, 1)
         m = m_new
+        if TOKEN_STATS:  # entropy = lse - xs / s; the label is the argmax iff label >= m and label > mb
+            xs = xs * scale + tl.sum(e * tl.where(mask, z, 0.0), 1)
+            before = mask & ((v0 + c)[None, :] < labels[:, None])
+            mb = tl.maximum(mb, tl.max(tl.where(before, z, float("-inf")), 1))
         if KL_MODE != 0:
             zr = tl.load(zr_ptr + base + c[None, :], mask=mask, other=0.0)
             if HAS_REF_BIAS:
@@ -159,6 +169,9 @@ def _split_stats_kernel(
         tl.store(rs_ptr + rows_g, rs, mask=row_mask)
         tl.store(ref_label_ptr + rows_g, ref_label_logit, mask=row_mask)
         tl.store(acc_ptr + rows_g, acc, mask=row_mask)
+    if TOKEN_STATS:
+        tl.store(xs_ptr + rows_g, xs, mask=row_mask)
+        tl.store(mb_ptr + rows_g, mb, mask=row_mask)
 
 
 @triton.jit
@@ -222,13 +235,14 @@ class SplitParams:
     ``kl_mode``: 0, 1 (tis) or 2 (tdpo). ``scratch_bytes``: cap of the split buffers (None: the default).
     ``fp32_precision``: ``"tf32"`` or ``"ieee"`` GEMMs for fp32 inputs on CUDA. ``elementwise``:
     ``"triton"`` or ``"torch"`` for the fused elementwise pass (None: Triton on CUDA and under the
-    interpreter, torch on plain CPU tensors).
+    interpreter, torch on plain CPU tensors). ``token_stats``: also the policy's entropy and is-top-1 per row.
     """
 
     kl_mode: int = 0
     scratch_bytes: int | None = None
     fp32_precision: str = "tf32"
     elementwise: str | None = None
+    token_stats: bool = False
 
 
 @dataclass(frozen=True)
@@ -437,11 +451,12 @@ def _use_triton(params: SplitParams, device: torch.device) -> bool:
     return device.type == "cuda" or interpreting()
 
 
-def _online_lse_step(z, st, m_key, s_key, label_key, lab, inside, rows):
+def _online_lse_step(z, st, m_key, s_key, label_key, lab, inside, rows, split_max=None):
     """One split of the online log-sum-exp and label gather for the logits ``z`` (policy or reference), in
-    place on ``st[m_key] / st[s_key] / st[label_key]`` at ``rows``; returns ``(exp(z - new max), rescale)``."""
+    place on ``st[m_key] / st[s_key] / st[label_key]`` at ``rows``; returns ``(exp(z - new max), rescale)``.
+    ``split_max``: ``z.max(1).values`` when the caller has it."""
     st[label_key][rows] += torch.where(inside, z.gather(1, lab.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
-    m_new = torch.maximum(st[m_key][rows], z.max(1).values)
+    m_new = torch.maximum(st[m_key][rows], z.max(1).values if split_max is None else split_max)
     scale = torch.exp(st[m_key][rows] - m_new)
     e = torch.exp(z - m_new[:, None])
     st[s_key][rows] = st[s_key][rows] * scale + e.sum(1)
@@ -450,14 +465,23 @@ def _online_lse_step(z, st, m_key, s_key, label_key, lab, inside, rows):
 
 
 def _stats_torch(z, zr, b, rb, labels, st, r0, v0, kl_mode):
-    """The torch twin of ``_split_stats_kernel`` (plain CPU tensors)."""
+    """The torch twin of ``_split_stats_kernel`` (plain CPU tensors); the token statistics when ``st`` holds
+    ``"xs"`` and ``"arg"``. Its top-1 state is the running first argmax (a column index) rather than the
+    kernel's max before the label: ``torch.max`` gives the split's first maximum and its index in the pass the
+    log-sum-exp makes anyway, and a later split takes over only with a strictly larger maximum."""
     r1, cols = r0 + z.shape[0], z.shape[1]
     rows = slice(r0, r1)
     if b is not None:
         z = z + b[v0:v0 + cols].float()
     lab = labels[rows] - v0
     inside = (lab >= 0) & (lab < cols)
-    e, scale = _online_lse_step(z, st, "m", "s", "label", lab, inside, rows)
+    if "xs" not in st:
+        e, scale = _online_lse_step(z, st, "m", "s", "label", lab, inside, rows)
+    else:  # entropy = lse - xs / s; the label is the argmax iff it is the running first argmax
+        split_max, split_arg = z.max(1)
+        st["arg"][rows] = torch.where(split_max > st["m"][rows], split_arg + v0, st["arg"][rows])
+        e, scale = _online_lse_step(z, st, "m", "s", "label", lab, inside, rows, split_max)
+        st["xs"][rows] = st["xs"][rows] * scale + (e.unsqueeze(1) @ z.unsqueeze(2)).view(-1)
     if kl_mode:
         if rb is not None:
             zr = zr + rb[v0:v0 + cols].float()
@@ -512,19 +536,22 @@ def _blocks(n_rows, vocab, plan):
 
 def split_forward(hidden, weight, bias, labels, params: SplitParams, ref: RefHead | None = None) -> ForwardStats:
     """Forward launcher: per-row ``logps`` and ``lse`` (plus ``ref_logps``, ``ref_lse`` and the token KL with
-    ``ref``), each ``[n]`` fp32, one vocabulary split at a time."""
+    ``ref``; the entropy and is-top-1 with ``params.token_stats``), each ``[n]`` fp32 (bool), one vocabulary
+    split at a time."""
     n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
     kl = params.kl_mode != 0
     if n == 0:
-        return ForwardStats.empty(dev, kl)
+        return ForwardStats.empty(dev, kl, params.token_stats)
     names = ("m", "s", "label", "rm", "rs", "ref_label", "acc") if kl else ("m", "s", "label")
-    st = {k: _alloc((n,), torch.float32, dev) for k in names}
-    for k in names:
-        st[k].fill_(float("-inf") if k in ("m", "rm") else 0.0)
     plan = _plan(params, hidden, weight, bias)
+    use_triton = _use_triton(params, dev)
+    if params.token_stats:  # top-1 state: the max before the label (kernel) or the first argmax (torch twin)
+        names += ("xs", "mb" if use_triton else "arg")
+    st = {k: _alloc((n,), torch.int64 if k == "arg" else torch.float32, dev) for k in names}
+    for k in names:
+        st[k].fill_(float("-inf") if k in ("m", "rm", "mb") else 0.0)
     zbuf = _alloc((plan.rows * plan.cols,), torch.float32, dev)
     zrbuf = _alloc((plan.rows * plan.cols,), torch.float32, dev) if kl else None
-    use_triton = _use_triton(params, dev)
     tiles = split_tiles(plan.cols)
     route = gemm_route(dev, hidden.dtype, params.fp32_precision)
     for r0, r1, v0, v1 in _blocks(n, vocab, plan):
@@ -538,21 +565,27 @@ def split_forward(hidden, weight, bias, labels, params: SplitParams, ref: RefHea
                 z, z if zr is None else zr, _or(bias, z), _or(ref.bias if kl else None, z), labels,
                 st["m"], st["s"], st["label"], *((st["rm"], st["rs"], st["ref_label"], st["acc"]) if kl
                                                  else (st["m"],) * 4),
+                *((st["xs"], st["mb"]) if params.token_stats else (st["m"],) * 2),
                 r1 - r0, v1 - v0, r0, v0,
                 HAS_BIAS=bias is not None, HAS_REF_BIAS=kl and ref.bias is not None, KL_MODE=params.kl_mode,
+                TOKEN_STATS=params.token_stats,
                 BLOCK_R=tiles.stats_rows, BLOCK_S=tiles.stats_cols, num_warps=tiles.stats_warps,
             )
         else:
             _stats_torch(z, zr, bias, ref.bias if kl else None, labels, st, r0, v0, params.kl_mode)
     lse = st["m"] + torch.log(st["s"])
+    token_stats = {}
+    if params.token_stats:
+        top1 = top1_from_maxima(st["label"], st["m"], st["mb"]) if use_triton else st["arg"] == labels
+        token_stats = dict(entropy=lse - st["xs"] / st["s"], is_top1=top1)
     if not kl:
-        return ForwardStats(st["label"] - lse, lse)
+        return ForwardStats(st["label"] - lse, lse, **token_stats)
     ref_lse = st["rm"] + torch.log(st["rs"])
     if params.kl_mode == 1:  # KL(p||q) = A/S - lse + lse_ref
         token_kl = st["acc"] / st["s"] - lse + ref_lse
     else:  # KL(q||p) = A/S_ref - lse_ref + lse
         token_kl = st["acc"] / st["rs"] - ref_lse + lse
-    return ForwardStats(st["label"] - lse, lse, st["ref_label"] - ref_lse, ref_lse, token_kl)
+    return ForwardStats(st["label"] - lse, lse, st["ref_label"] - ref_lse, ref_lse, token_kl, **token_stats)
 
 
 def _or(t, placeholder):
@@ -670,17 +703,19 @@ SplitLinearLogprobsFunction, SplitLinearKLFunction = head_functions("SplitLinear
 # ----------------------------------------------------------------------------------------------
 
 
-def _params(kl_mode, scratch_bytes, fp32_precision, elementwise) -> SplitParams:
+def _params(kl_mode, scratch_bytes, fp32_precision, elementwise, token_stats=False) -> SplitParams:
     check_precision(fp32_precision)
+    if not isinstance(token_stats, bool):
+        raise TypeError(f"token_stats must be a bool, got {type(token_stats).__name__}")
     if scratch_bytes is not None and (not isinstance(scratch_bytes, int) or scratch_bytes < 1):
         raise ValueError(f"scratch_bytes must be a positive int or None, got {scratch_bytes!r}")
     if elementwise not in (None, "triton", "torch"):
         raise ValueError(f"elementwise must be None, 'triton' or 'torch', got {elementwise!r}")
-    return SplitParams(kl_mode, scratch_bytes, fp32_precision, elementwise)
+    return SplitParams(kl_mode, scratch_bytes, fp32_precision, elementwise, token_stats)
 
 
 def split_linear_logprobs(hidden, weight, labels, bias=None, *, scratch_bytes=None, fp32_precision="tf32",
-                          elementwise=None):
+                          elementwise=None, token_stats=False):
     """Label log-probs of response rows, one vocabulary split at a time (no ``[n, V]`` logits).
 
     Plain-torch equivalent::
@@ -693,28 +728,32 @@ def split_linear_logprobs(hidden, weight, labels, bias=None, *, scratch_bytes=No
         scratch_bytes: cap of the split buffers (None: ``_config.SPLIT_SCRATCH_BYTES``).
         fp32_precision: ``"tf32"`` (default) or ``"ieee"`` GEMMs for fp32 inputs on CUDA.
         elementwise: ``"triton"`` / ``"torch"`` for the fused elementwise pass (None: automatic).
+        token_stats: also return, without gradient, each row's entropy (``[n]`` float32) and whether its label is
+            the argmax (``[n]`` bool, the first index winning ties), computed in the same splits.
     Returns:
-        ``[n]`` float32, differentiable w.r.t. hidden, weight and bias (gradients in their dtype).
+        ``[n]`` float32, differentiable w.r.t. hidden, weight and bias (gradients in their dtype); with
+        ``token_stats`` ``(logps, entropy, is_top1)``.
     """
     check_head(hidden, weight, bias, labels, triton_device=False)  # plain CPU tensors run the torch twin
-    params = _params(0, scratch_bytes, fp32_precision, elementwise)
+    params = _params(0, scratch_bytes, fp32_precision, elementwise, token_stats)
     return SplitLinearLogprobsFunction.apply(hidden, weight, unit_stride(bias), labels.contiguous(), params)
 
 
 def split_linear_kl(hidden, weight, labels, ref_hidden, ref_weight, mode, bias=None, ref_bias=None, *,
-                    scratch_bytes=None, fp32_precision="tf32", elementwise=None):
+                    scratch_bytes=None, fp32_precision="tf32", elementwise=None, token_stats=False):
     """``(logps, ref_logps, token_kl)``, each ``[n]`` float32, one vocabulary split at a time.
 
     The maths and arguments of ``linear_kl.triton_linear_kl`` (``mode`` ``"tis"``: ``KL(pi_theta || pi_ref)``,
     ``"tdpo"``: ``KL(pi_ref || pi_theta)``; the reference head is a constant) plus ``scratch_bytes``,
-    ``fp32_precision`` and ``elementwise`` as in :func:`split_linear_logprobs`.
+    ``fp32_precision``, ``elementwise`` and ``token_stats`` (the policy's, appended) as in
+    :func:`split_linear_logprobs`.
     """
     if mode not in ("tis", "tdpo"):
         raise ValueError(f"mode must be 'tis' or 'tdpo', got {mode!r}")
     check_head(hidden, weight, bias, labels, triton_device=False)  # plain CPU tensors run the torch twin
     check_head(ref_hidden, ref_weight, ref_bias, prefix="ref_", triton_device=False)
     check_ref_head(hidden, weight, ref_hidden, ref_weight)
-    params = _params(TOKEN_KL_CODES[mode], scratch_bytes, fp32_precision, elementwise)
+    params = _params(TOKEN_KL_CODES[mode], scratch_bytes, fp32_precision, elementwise, token_stats)
     ref_bias = unit_stride(None if ref_bias is None else ref_bias.detach())
     return SplitLinearKLFunction.apply(hidden, weight, unit_stride(bias), labels.contiguous(), ref_hidden.detach(),
                                        ref_weight.detach(), ref_bias, params)
