@@ -74,8 +74,8 @@ class SmolLM2DemoConfig:
     cpu_threads: int | None = None  # None: torch's default (every core); a 135M model uses them
 
 
-# a small run (4 training and 4 held-out pairs, 2 steps); tests/realmodel/test_demo_smollm2.py runs it
-QUICK = {"held_out_pairs": 4, "train_pairs": 4, "steps": 2}
+# a small run (2 training and 4 held-out pairs, 2 steps of 1 pair); tests/realmodel/test_demo_smollm2.py runs it
+QUICK = {"held_out_pairs": 4, "train_pairs": 2, "steps": 2, "batch_size": 1}
 
 
 @dataclass
@@ -168,7 +168,8 @@ def _run(cfg: SmolLM2DemoConfig, progress: bool, log) -> SmolLM2DemoResult:
     for name, data in (("DPO", train), ("TIS-DPO", tis_data)):
         policy = copy.deepcopy(model).requires_grad_(True)
         clock = _StepLines(name, step)
-        step(f"{name}: {cfg.steps} steps of {cfg.batch_size} pairs from the start model (the reference)")
+        step(f"{name}: {cfg.steps} steps of {cfg.batch_size} pair{'s' * (cfg.batch_size > 1)} from the start model "
+             "(the reference)")
         history = train_run(policy, data, tokenizer, output_dir=os.path.join(cfg.output_dir, "runs", name.lower()),
                             loss_type="sigmoid", steps=cfg.steps, learning_rate=cfg.learning_rate,
                             batch_size=cfg.batch_size, beta=cfg.beta, weight_transform=transform,

@@ -25,8 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "--model smollm2 'tisdpo-demo-smollm2')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
-                        help="a smaller run (synthetic: about 20 seconds; smollm2: 4 training and 4 held-out pairs, "
-                             "2 steps)")
+                        help="a smaller run (synthetic: about 20 seconds; smollm2: 2 training and 4 held-out pairs, "
+                             "2 steps of 1 pair)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="optimiser steps of DPO and of TIS-DPO each (default: synthetic 40, --quick 20; "
                              "smollm2 4, --quick 2)")
