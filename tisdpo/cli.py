@@ -27,7 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "visualize": ("tisdpo.commands.visualize:main",
                   "Draw token weights of preference pairs as an HTML page and a PNG figure."),
     "demo": ("tisdpo.commands.demo:main",
-             "Run the whole TIS-DPO pipeline on a synthetic task, on CPU, in about a minute (nothing downloaded)."),
+             "Run the whole TIS-DPO pipeline on CPU: a synthetic task (about a minute) or SmolLM2-135M-Instruct "
+             "(--model smollm2)."),
     "fetch-model": ("tisdpo.commands.fetch_model:main",
                     "Convert a known pretrained model (smollm2) to a cached bfloat16 directory once; print its path."),
 }

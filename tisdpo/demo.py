@@ -163,19 +163,22 @@ def key_token_auc(dataset: datasets.Dataset, tokenizer) -> float:
 def train_run(model, dataset: datasets.Dataset, tokenizer, *, output_dir: str, loss_type: str, steps: int,
               learning_rate: float, batch_size: int = 16, beta: float = 0.1, reverse_preferences: bool = False,
               weight_transform: str = "origin", transform_kwargs: dict | None = None, seed: int = 0,
-              progress: bool = False):
+              progress: bool = False, ref_model=None, callbacks: Sequence | None = None, **config):
     """Train ``model`` in place with ``TISDPOTrainer`` for ``steps`` optimiser steps; returns the trainer's
     log history.
 
     ``loss_type="sft"`` is SFT on the chosen responses; ``"sigmoid"`` is DPO against a frozen copy of the
     model as it is now, and TIS-DPO when ``dataset`` has weight columns (``weight_transform`` applied by the
     trainer). The learning rate is constant and the batches are drawn from ``seed``, so two runs with the
-    same arguments see the same batches in the same order.
+    same arguments see the same batches in the same order. ``ref_model``: the frozen reference, when it is
+    not to be copied from ``model``; ``callbacks``: ``transformers.TrainerCallback``s of the run; ``config``:
+    further ``TISDPOConfig`` fields (``logging_steps=1``).
     """
     args = _config(output_dir, loss_type, steps, learning_rate, batch_size=batch_size, beta=beta,
                    reverse_preferences=reverse_preferences, weight_transform=weight_transform,
-                   transform_kwargs=transform_kwargs, seed=seed, progress=progress)
-    trainer = TISDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+                   transform_kwargs=transform_kwargs, seed=seed, progress=progress, **config)
+    trainer = TISDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
+                            processing_class=tokenizer, callbacks=list(callbacks or ()))
     with _quiet(progress):
         trainer.train()
     model.eval()
@@ -183,8 +186,8 @@ def train_run(model, dataset: datasets.Dataset, tokenizer, *, output_dir: str, l
 
 
 def _config(output_dir, loss_type, steps, learning_rate, *, batch_size=16, beta=0.1, reverse_preferences=False,
-            weight_transform="origin", transform_kwargs=None, seed=0, progress=False) -> TISDPOConfig:
-    return TISDPOConfig(
+            weight_transform="origin", transform_kwargs=None, seed=0, progress=False, **config) -> TISDPOConfig:
+    fields = dict(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, loss_type=loss_type, beta=beta,
         reverse_preferences=reverse_preferences, weight_transform=weight_transform,
@@ -192,6 +195,7 @@ def _config(output_dir, loss_type, steps, learning_rate, *, batch_size=16, beta=
         activation_checkpointing=False, seed=seed, data_seed=seed, report_to=[], save_strategy="no",
         logging_steps=max(1, steps // 4), disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
     )
+    return TISDPOConfig(**{**fields, **config})
 
 
 def _quiet(progress: bool):
@@ -205,18 +209,25 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def reward_accuracy(model, ref_model, dataset: datasets.Dataset, tokenizer, batch_size: int = 64) -> float:
-    """Fraction of pairs whose implicit DPO reward ``sum_t (log pi - log pi_ref)`` (unweighted) is higher
-    for the chosen response than for the rejected one."""
+def reward_margins(model, ref_model, dataset: datasets.Dataset, tokenizer, batch_size: int = 64) -> torch.Tensor:
+    """Per pair, the implicit DPO reward of the chosen response minus that of the rejected one, without
+    ``beta``: ``sum_t (log pi - log pi_ref)`` (unweighted) of each response; float32 ``[len(dataset)]`` on the CPU."""
     collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
     rows = [tokenize_row({k: ex[k] for k in ("prompt", "chosen", "rejected")}, tokenizer) for ex in dataset]
-    correct = 0
+    margins = []
     for start in range(0, len(rows), batch_size):
         batch = {k: v.to(_device(model)) for k, v in collate(rows[start:start + batch_size]).items()}
         logratio = (token_logps(model, batch) - token_logps(ref_model, batch)).sum(1)
         b = logratio.shape[0] // 2
-        correct += int((logratio[:b] > logratio[b:]).sum())
-    return correct / len(rows)
+        margins.append((logratio[:b] - logratio[b:]).float().cpu())
+    return torch.cat(margins)
+
+
+def reward_accuracy(model, ref_model, dataset: datasets.Dataset, tokenizer, batch_size: int = 64) -> float:
+    """Fraction of pairs whose implicit DPO reward ``sum_t (log pi - log pi_ref)`` (unweighted) is higher
+    for the chosen response than for the rejected one (``reward_margins > 0``)."""
+    margins = reward_margins(model, ref_model, dataset, tokenizer, batch_size)
+    return int((margins > 0).sum()) / len(margins)
 
 
 @torch.no_grad()
@@ -284,17 +295,34 @@ def _copy(model: LlamaForCausalLM) -> LlamaForCausalLM:
 def run_demo(config: DemoConfig | None = None, *, progress: bool = True, log=print) -> DemoResult:
     """Run the whole pipeline (module docstring); returns the numbers of the table it prints."""
     cfg = config or DemoConfig()
+    with demo_environment(cfg.cpu_threads, progress):
+        return _run_demo(cfg, progress, log)
+
+
+@contextlib.contextmanager
+def demo_environment(cpu_threads: int | None, progress: bool):
+    """Within: torch uses ``cpu_threads`` CPU threads (None: as many as now) and, without ``progress``, the
+    ``datasets`` progress bars are off; both restored on the way out."""
     threads, bars = torch.get_num_threads(), datasets.is_progress_bar_enabled()
-    if cfg.cpu_threads is not None:
-        torch.set_num_threads(cfg.cpu_threads)
+    if cpu_threads is not None:
+        torch.set_num_threads(cpu_threads)
     if not progress:
         datasets.disable_progress_bars()
     try:
-        return _run_demo(cfg, progress, log)
+        yield
     finally:
         torch.set_num_threads(threads)
         if bars:
             datasets.enable_progress_bars()
+
+
+def weights_for_trainer(weighted: datasets.Dataset, transform: str, transform_kwargs: dict | None):
+    """``(dataset, weight_transform, weight_transform_kwargs)`` to train TIS-DPO with: the trainer applies
+    elementwise transforms itself; a per-response one (``PER_RESPONSE_TRANSFORMS``) is applied here, to the
+    weight columns, and the trainer gets ``"origin"``."""
+    if transform in PER_RESPONSE_TRANSFORMS:
+        return transform_token_weights(weighted, transform, transform_kwargs or None), "origin", None
+    return weighted, transform, transform_kwargs or None
 
 
 def _run_demo(cfg: DemoConfig, progress: bool, log) -> DemoResult:
@@ -328,10 +356,7 @@ def _run_demo(cfg: DemoConfig, progress: bool, log) -> DemoResult:
     key_auc = key_token_auc(weighted, tokenizer)
     step(f"token weights r_t = log pi_plus - log pi_minus estimated; key-token AUC = {key_auc:.3f}")
 
-    transform, transform_kwargs, tis_data = cfg.weight_transform, cfg.transform_kwargs or None, weighted
-    if transform in PER_RESPONSE_TRANSFORMS:  # the trainer applies elementwise transforms only
-        tis_data = transform_token_weights(weighted, transform, transform_kwargs)
-        transform, transform_kwargs = "origin", None
+    tis_data, transform, transform_kwargs = weights_for_trainer(weighted, cfg.weight_transform, cfg.transform_kwargs)
     policies = {}
     for name, data in (("DPO", train), ("TIS-DPO", tis_data)):
         policies[name] = _copy(sft)
@@ -353,16 +378,25 @@ def _run_demo(cfg: DemoConfig, progress: bool, log) -> DemoResult:
     return result
 
 
+def table_lines(header: Sequence[str], rows: Sequence[Sequence[str]], first_width: int = 18) -> list[str]:
+    """A plain-text table: the first column left-aligned in ``first_width`` characters, every other one
+    right-aligned in one character more than its widest cell (header included), one space apart."""
+    widths = [first_width] + [1 + max(len(r[c]) for r in [header, *rows]) for c in range(1, len(header))]
+    return [" ".join(f"{cell:<{w}}" if c == 0 else f"{cell:>{w}}" for c, (cell, w) in enumerate(zip(row, widths)))
+            for row in [header, *rows]]
+
+
 def format_table(result: DemoResult, cfg: DemoConfig) -> str:
     lines = [
         "",
         f"token weights (method D): AUC of weights separating the deciding key tokens = {result.key_token_auc:.3f}",
         "",
-        f"{'model':<18} {'reward accuracy (held-out)':>27} {'true reward (sampled)':>22}",
     ]
+    rows = []
     for name, reward in result.true_reward.items():
         acc = result.reward_accuracy.get(name)
-        lines.append(f"{name:<18} {'-' if acc is None else f'{acc:.3f}':>27} {reward:>22.3f}")
+        rows.append([name, "-" if acc is None else f"{acc:.3f}", f"{reward:.3f}"])
+    lines += table_lines(["model", "reward accuracy (held-out)", "true reward (sampled)"], rows)
     lines += ["", f"same data, steps ({cfg.policy_steps}) and seed for DPO and TIS-DPO; "
               f"weights: {cfg.weight_transform}; {result.seconds:.0f} s",
               "visualisation: " + ", ".join(result.files)]

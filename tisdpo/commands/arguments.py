@@ -144,6 +144,17 @@ def optional_int(text: str) -> int | None:
     return value
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a positive int."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
 def auto_bool(value) -> bool | None:
     """``--padding-free`` / ``--prefix-sharing`` ``auto|true|false``, or the trainer YAML's ``true|false|null``."""
     if value is None or isinstance(value, bool):
