@@ -7,7 +7,7 @@ follow TRL's `DPOConfig` names wherever the meaning is the same (`beta`, `loss_t
 `precompute_ref_log_probs`, `precompute_ref_batch_size`, `model_init_kwargs`, `ref_model_init_kwargs`,
 `disable_dropout`, `dataset_num_proc`); the rest are ours (`alpha`, `kl`, `weight_transform`,
 `weight_transform_kwargs`, `reverse_preferences`, `prefix_sharing`, `ref_logps_cache_dir`, `loss_backend`,
-`loss_chunk_size`, `liger_model_patches`). The loss fields `loss_type` (a name or TRL's list form), `loss_weights`,
+`loss_chunk_size`, `token_metrics`, `liger_model_patches`). The loss fields `loss_type` (a name or TRL's list form), `loss_weights`,
 `label_smoothing`, `discopop_tau`, `ld_alpha`, `use_weighting` and the deprecated `rpo_alpha` mean what they mean in
 TRL 1.16 (`tisdpo_kernels.objectives` lists every loss type's formula); `loss_type='cdpo'` is ours.
 
@@ -284,6 +284,15 @@ class TISDPOConfig(TrainingArguments):
     )
     loss_chunk_size: int | None = field(
         default=None, metadata={"help": "Token rows per chunk of the 'torch' loss backend (None: its default)."}
+    )
+    token_metrics: bool = field(
+        default=True,
+        metadata={
+            "help": "Log TRL DPOTrainer's per-token metrics of the policy (entropy, logits/chosen, logits/rejected, "
+            "mean_token_accuracy), computed in the fused head's pass over the vocabulary. Off: those four are not "
+            "logged and the head's forward skips their statistics (1.2-1.5x its cost on CPU, "
+            "benchmarks/results/token-stats-cpu.json); num_tokens and the reward metrics are logged either way.",
+        },
     )
 
     # --- TRL DPOConfig fields (trainer side) ---

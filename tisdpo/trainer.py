@@ -600,7 +600,7 @@ class TISDPOTrainer(Trainer):
                 backend=args.loss_backend,
                 chunk_size=args.loss_chunk_size,
                 group=group,
-                token_stats=True,
+                token_stats=args.token_metrics,
                 **args.pair_loss_kwargs(),
                 **tensors,
             )

@@ -151,6 +151,34 @@ def test_packed_equals_padded(tok, quick_args, attn):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-8, atol=1e-12, msg=name)
 
 
+def test_token_metrics_off_skips_only_the_per_token_metrics(tok, quick_args):
+    """`token_metrics=False`: the step's loss, gradients and other metrics are the same (exactly: the statistics
+    are a side output of the same pass), TRL's four per-token metrics are absent, and a short run still logs
+    `num_tokens`."""
+    policy, ref = tiny_llama(len(tok), seed=0).double(), tiny_llama(len(tok), seed=1).double()
+    ds = dataset_of(hh_records()[:4])
+    results = []
+    for token_metrics in (True, False):
+        args = TISDPOConfig(**quick_args, token_metrics=token_metrics, max_steps=1)
+        trainer = TISDPOTrainer(policy, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+        policy.zero_grad()
+        loss, metrics = trainer.compute_loss(policy, batch, return_outputs=True)
+        loss.backward()
+        results.append((loss, metrics, _grads(policy), trainer))
+    (loss_on, metrics_on, grads_on, _), (loss_off, metrics_off, grads_off, trainer_off) = results
+    per_token = {"entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"}
+    assert per_token <= set(metrics_on) and not per_token & set(metrics_off)
+    assert torch.equal(loss_on, loss_off)
+    for name in metrics_off:
+        assert torch.equal(metrics_on[name], metrics_off[name]), name
+    for name in grads_on:
+        assert torch.equal(grads_on[name], grads_off[name]), name
+    trainer_off.train()
+    logged = trainer_off.state.log_history[0]
+    assert logged["num_tokens"] > 0 and not per_token & set(logged)
+
+
 def test_weight_columns_reach_the_batch_and_conversational_data(tok, quick_args):
     """With remove_unused_columns=True (the default) the weight columns survive into the collated batch; a
     conversational dataset trains through the chat template."""
