@@ -9,7 +9,7 @@ Two tasks (``--task``):
   the mean held-out implicit reward margin and the mean true reward of sampled responses.
 - ``smollm2``: the pretrained SmolLM2-135M-Instruct (``tisdpo.pretrained.fetch_model("smollm2")``, float32 on CPU)
   on the shipped dialogues (``tisdpo/assets/dialogues.jsonl``), a fixed split (even lines train, odd lines held
-  out). Method P weights (the model under ``tisdpo.weights.DEFAULT_SYSTEM_PROMPTS``) once; per seed (batch order,
+  out). Method P weights (pi_plus = pi_minus = the model, under ``tisdpo.weights.DEFAULT_SYSTEM_PROMPTS``) once; per seed (batch order,
   and the ``random`` transform's draw) DPO and TIS-DPO for a few steps. Metrics: held-out implicit reward accuracy
   and mean margin.
 
@@ -85,7 +85,7 @@ PRESETS = {
                  "batch_size": 8, "eval_prompts": 4, "hidden_size": 16, "num_layers": 1},
     },
     "smollm2": {
-        "study": {"steps": 8, "batch_size": 4, "learning_rate": 1e-5, "beta": 0.1},
+        "study": {"steps": 6, "batch_size": 3, "learning_rate": 1e-5, "beta": 0.1},  # one epoch of the 18 pairs
         "tiny": {"steps": 1, "batch_size": 2, "learning_rate": 1e-5, "beta": 0.1, "max_pairs": 8},
     },
 }
@@ -215,7 +215,7 @@ class SmolLM2Study:
         self.model.requires_grad_(False)
         self.model.eval()
         self.train, self.held_out = load_dialogues(settings.get("max_pairs"))
-        self.weighted = estimate_token_weights(self.train, self.model, self.model, self.tokenizer, method="P",
+        self.weighted = estimate_token_weights(self.train, self.model, None, self.tokenizer, method="P",
                                                batch_size=8, cache_dir=os.path.join(work, "weights"), progress=False)
         values = [w for col in ("chosen_weights", "rejected_weights") for ws in self.weighted[col] for w in ws]
         self.info = {"model_path": path, "train_pairs": len(self.train), "held_out_pairs": len(self.held_out),
