@@ -284,7 +284,7 @@ def save(results: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-def open_results(path: str, task: str, settings: dict) -> dict:
+def open_results(path: str, task: str, settings: dict, threads: int | None = None) -> dict:
     """The results in ``path`` (to resume) or a new record; a file of another task or settings is an error."""
     if os.path.exists(path):
         with open(path) as f:
@@ -298,7 +298,7 @@ def open_results(path: str, task: str, settings: dict) -> dict:
     results["invocations"].append({
         "command": "python -m benchmarks.algorithm_study " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": device_name(torch.device("cpu")), "cpu_count": os.cpu_count(),
+        "machine": device_name(torch.device("cpu")), "cpu_count": os.cpu_count(), "torch_threads": threads,
         "load_average_1min": os.getloadavg()[0], "versions": library_versions()})
     return results
 
@@ -310,7 +310,7 @@ def run_study(task: str, seeds: list[int], path: str, *, preset: str = "study", 
     if unknown:
         raise ValueError(f"transforms: unknown {unknown}; known: {list(WEIGHT_TRANSFORMS)}")
     settings = settings_of(task, preset)
-    results = open_results(path, task, settings)
+    results = open_results(path, task, settings, threads)
     save(results, path)
     done = {(r["seed"], r["name"]) for r in results["runs"]}
     names = run_names(transforms)
@@ -413,7 +413,10 @@ def markdown(results: dict) -> str:
               + "; ".join(f"{m}: {', '.join(sorted(reliable[m])) or 'none'}" for m in metrics) + ".", ""]
     lines += ["Runs:", ""]
     for inv in results["invocations"]:
+        # torch_threads: set by --threads (default 1); "machine" names the threads before that
+        threads = inv.get("torch_threads", 1)
         lines.append(f"- `{inv['command']}` ({inv['started']}; {inv['machine']}, {inv['cpu_count']} cores, "
+                     f"the runs on {threads} torch thread(s), "
                      f"1-min load {inv['load_average_1min']:.1f} at start; "
                      + ", ".join(f"{k} {v}" for k, v in inv["versions"].items()) + ")")
     seconds = [r["seconds"] for r in results["runs"]]
