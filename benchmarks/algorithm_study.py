@@ -9,12 +9,12 @@ Two tasks (``--task``):
   the mean held-out implicit reward margin and the mean true reward of sampled responses.
 - ``smollm2``: the pretrained SmolLM2-135M-Instruct (``tisdpo.pretrained.fetch_model("smollm2")``, float32 on CPU)
   on the shipped dialogues (``tisdpo/assets/dialogues.jsonl``), a fixed split (even lines train, odd lines held
-  out). Method P weights (pi_plus = pi_minus = the model, under ``tisdpo.weights.DEFAULT_SYSTEM_PROMPTS``) once; per seed (batch order,
-  and the ``random`` transform's draw) DPO and TIS-DPO for a few steps. Metrics: held-out implicit reward accuracy
-  and mean margin.
+  out). Method P weights (pi_plus = pi_minus = the model, under ``tisdpo.weights.DEFAULT_SYSTEM_PROMPTS``) once;
+  per seed (batch order, and the ``random`` transform's draw) DPO and TIS-DPO for a few steps. Metrics: held-out
+  implicit reward accuracy and mean margin.
 
-Every transform runs with its library defaults (``docs/design.md §1.4``; ``exp_clamp`` is the paper's weight
-formula with its ``k = 1, mu = 1, L = -0.5, U = 1.5``) except ``random``, whose ``seed`` is the run's seed.
+Every transform runs with its library defaults (``docs/design.md §1.4``; ``exp_clamp``, the paper's weight
+formula, with ``k = 1, mu = 1, L = -0.5, U = 1.5``) except ``random``, whose ``seed`` is the run's seed.
 
 Results (``--json``): the settings, the machine and versions, every run's numbers, mean and std (``ddof = 1``) over
 seeds and a paired comparison with DPO per seed (wins / ties / losses, mean and std of the difference). Each
@@ -22,9 +22,10 @@ finished run is written at once (atomically), so an interruption loses nothing a
 skips the finished runs. ``--report`` turns result files into the markdown tables of
 ``benchmarks/results/algorithm-study.md``::
 
-    python -m benchmarks.algorithm_study --task synthetic --seeds 0 1 2 3 4 \\
+    python -m benchmarks.algorithm_study --task synthetic --seeds 0 1 2 3 4 5 6 7 8 9 \\
         --json benchmarks/results/algorithm-study-synthetic.json
-    python -m benchmarks.algorithm_study --task smollm2 --seeds 0 1 2 --json benchmarks/results/algorithm-study-smollm2.json
+    python -m benchmarks.algorithm_study --task smollm2 --seeds 0 1 2 \\
+        --json benchmarks/results/algorithm-study-smollm2.json
     python -m benchmarks.algorithm_study --report benchmarks/results/algorithm-study-synthetic.json \\
         benchmarks/results/algorithm-study-smollm2.json --markdown benchmarks/results/algorithm-study.md
 """
@@ -393,7 +394,8 @@ def markdown(results: dict) -> str:
         aucs = [results["seed_info"][str(s)]["key_token_auc"] for s in seeds if str(s) in results["seed_info"]]
         sft = [results["seed_info"][str(s)]["sft_true_reward"] for s in seeds if str(s) in results["seed_info"]]
         lines += [f"Key-token AUC of the method D weights: {_pm({'mean': statistics.fmean(aucs), 'std': _std(aucs)})}"
-                  f"; true reward of the SFT model's samples: {_pm({'mean': statistics.fmean(sft), 'std': _std(sft)})}.",
+                  "; true reward of the SFT model's samples: "
+                  f"{_pm({'mean': statistics.fmean(sft), 'std': _std(sft)})}.",
                   ""]
     if results.get("shared"):
         sh = results["shared"]
@@ -408,8 +410,8 @@ def markdown(results: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     reliable = {m: [n for n in summary if n != DPO and summary[n][m].get("vs_dpo", {}).get("reliable_win")]
                 for m in metrics}
-    lines += ["", f"Reliable wins over DPO (at least {MIN_SEEDS} seeds; better in every seed, or mean paired difference > "
-              "its std over seeds): "
+    lines += ["", f"Reliable wins over DPO (at least {MIN_SEEDS} seeds; better in every seed, or mean paired "
+              "difference > its std over seeds): "
               + "; ".join(f"{m}: {', '.join(sorted(reliable[m])) or 'none'}" for m in metrics) + ".", ""]
     lines += ["Runs:", ""]
     for inv in results["invocations"]:
