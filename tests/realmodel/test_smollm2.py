@@ -147,6 +147,43 @@ def test_fused_logprobs_equal_the_models_own(smollm2_fp32, smollm2_tokenizer, dt
             smollm2_fp32.to(torch.float32)
 
 
+def test_token_statistics_on_the_real_head(smollm2_fp32, smollm2_tokenizer):
+    """TRL's per-token metrics from our passes over the real head (V=49152, logits up to ~30 in size) against a
+    float64 truth from the same hidden states: the entropy of the torch backend and of the split backend's CPU
+    path within twice the error of torch's own float32 entropy on materialised logits plus `eps_floor(float32,
+    D + V)` (a logit sums over D, the entropy over V), is-top-1 equal to the float64 argmax, the mean logit
+    within the same floor. A toy head (small logits) hides what this checks: the entropy `lse - sum p z` cancels
+    two terms of size max|z|, so a sloppy reduction over V shows only at real logit sizes."""
+    from tisdpo_kernels.chunked import chunked_linear_logprobs
+    from tisdpo_kernels.ops._common import mean_logits
+    from tisdpo_kernels.ops.linear_split import split_linear_logprobs
+
+    tok, model = smollm2_tokenizer, smollm2_fp32
+    feats = [tokenize_row(row, tok) for row in PLAIN[:2] + CHAT]
+    batch = PreferenceCollator(tok.pad_token_id)(feats)
+    keep = batch["labels"] != IGNORE_INDEX
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     use_cache=False).last_hidden_state[keep]
+    labels, weight = batch["labels"][keep], model.lm_head.weight
+    V, D = weight.shape
+    z = hidden.double() @ weight.double().T
+    logp = torch.log_softmax(z, -1)
+    truth = -(logp.exp() * logp).sum(-1)
+    z32 = hidden @ weight.T
+    own = -(torch.softmax(z32, -1) * torch.log_softmax(z32, -1)).sum(-1)
+    assert z.abs().max() > 20  # real logit sizes: what the module docstring says a toy hides
+    with torch.no_grad():
+        paths = {"torch": chunked_linear_logprobs(hidden, weight, labels, token_stats=True),
+                 "split (CPU)": split_linear_logprobs(hidden, weight, labels, token_stats=True, elementwise="torch")}
+    for name, (_, entropy, top1) in paths.items():
+        print(f"{name}: entropy error {rel_err(entropy, truth):.2e} (torch's own fp32 {rel_err(own, truth):.2e})")
+        assert_close_to_truth(f"{name} entropy", entropy, own, truth, reduction=D + V)
+        assert torch.equal(top1, z.argmax(-1) == labels), name
+    mean_truth = z.mean(-1)
+    assert rel_err(mean_logits(hidden, weight, None), mean_truth) <= eps_floor(torch.float32, D + V)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the tokenizer at the prompt/response boundary
 # ----------------------------------------------------------------------------------------------------------------

@@ -156,6 +156,21 @@ def test_one_step_equals_trl_dpo_trainer(smollm2_fp32, smollm2_tokenizer, tmp_pa
     # d loss / d margin <= 1, the margin is beta x (4 sequence log-probs)
     assert abs(our_log["loss"] - trl_log["loss"]) <= 4 * BETA * logp_tol * logp_scale
     assert abs(our_log["grad_norm"] - trl_log["grad_norm"]) <= grad_tol * trl_log["grad_norm"]
+    # TRL's per-token metrics of the policy, from both fused heads' passes over the vocabulary (float32): each
+    # side's entropy and mean logit is within eps_floor(float32, D + V) of a float64 truth relative to its size
+    # (tests/realmodel/test_smollm2.py::test_token_statistics_on_the_real_head checks ours), so they differ by at
+    # most twice that (sizes below 1 nat or logit unit count as 1); the token accuracy is an argmax, which a
+    # near-tie (two logits within the heads' rounding) may flip on one chosen token; num_tokens counts the same
+    # attention mask
+    n_chosen = sum(len(f["chosen_input_ids"]) for f in feats)
+    stat_floor = eps_floor(torch.float32, D + V)
+    for name in ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy", "num_tokens"):
+        print(f"  {name:20s} trl {trl_log[name]: .9g}  ours {our_log[name]: .9g}")
+    for name in ("entropy", "logits/chosen", "logits/rejected"):
+        assert abs(our_log[name] - trl_log[name]) <= 2 * stat_floor * max(abs(trl_log[name]), 1.0), name
+    assert abs(our_log["mean_token_accuracy"] - trl_log["mean_token_accuracy"]) <= 1 / n_chosen + 1e-9
+    assert 0 < trl_log["mean_token_accuracy"] < 1 and trl_log["entropy"] > 0
+    assert our_log["num_tokens"] == trl_log["num_tokens"]
 
     # gradients the optimizer saw, and the parameters after the step
     assert set(our_grads) == set(trl_grads) == set(before)

@@ -481,7 +481,7 @@ def _stats_torch(z, zr, b, rb, labels, st, r0, v0, kl_mode):
         split_max, split_arg = z.max(1)
         st["arg"][rows] = torch.where(split_max > st["m"][rows], split_arg + v0, st["arg"][rows])
         e, scale = _online_lse_step(z, st, "m", "s", "label", lab, inside, rows, split_max)
-        st["xs"][rows] = st["xs"][rows] * scale + (e.unsqueeze(1) @ z.unsqueeze(2)).view(-1)
+        st["xs"][rows] = st["xs"][rows] * scale + (e * z).sum(1)  # not a batched GEMV: see chunked._token_stats
     if kl_mode:
         if rb is not None:
             zr = zr + rb[v0:v0 + cols].float()
