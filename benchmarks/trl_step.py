@@ -120,7 +120,7 @@ def _machine(device) -> dict:
 
 
 def run(impl: str, model: str, response_tokens: int, steps: int, device: str = "auto", dtype: str = "fp32",
-        prompt_tokens: int = 16, lr: float = 1e-5) -> dict:
+        prompt_tokens: int = 16, lr: float = 1e-6) -> dict:
     """One benchmark run in this process (see the module docstring); returns the record written by `--json`."""
     import datasets
     import torch
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
                         help="fp32, or bf16 mixed precision (float32 weights)")
-    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--lr", type=float, default=1e-6, help="TRL's and our default")
     parser.add_argument("--json", default=None, help="write the record here")
     args = parser.parse_args(argv)
     if any(os.environ.get(k) != v for k, v in _MALLOC_ENV.items()):  # glibc reads these at start-up only
