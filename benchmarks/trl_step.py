@@ -1,7 +1,7 @@
 """One training step of a real model: `TISDPOTrainer` against TRL's `DPOTrainer`, per-step time, loss and memory.
 
     python -m benchmarks.trl_step --impl {tisdpo,trl} --response-tokens 1024 --steps 2 --json out.json
-        [--model smollm2 | DIR] [--device auto|cpu|cuda] [--dtype fp32|bf16] [--prompt-tokens 16] [--lr 1e-5]
+        [--model smollm2 | DIR] [--device auto|cpu|cuda] [--dtype fp32|bf16] [--prompt-tokens 16] [--lr 1e-6]
 
 One preference pair (a short prompt, a chosen and a rejected response of exactly `--response-tokens` tokens each,
 the EOS token included) of real text: `docs/design.md` tokenised by the model's tokenizer and repeated to the
