@@ -25,7 +25,9 @@ each step's `peak_rss_bytes` is the kernel's high-water mark during that step (r
 `/proc/self/clear_refs` at its start), and `peak_above_fixed_bytes` that peak minus the fixed figure: the step's
 activations, logits or their chunks, the gradients and, from step 1 on, AdamW's two moment buffers.
 `step_extra_bytes` is the peak minus the resident set at that step's start: from step 2 on, what the step itself
-adds (activations and the loss's working memory: the figure that shows the loss's design).
+adds: the gradients (freed by `zero_grad` between steps: 4 bytes a parameter in float32, as in both trainers), the
+saved activations, the loss's working memory and AdamW's temporaries; the difference between the two trainers at
+equal gradients is the design's (logits or their chunks).
 `process_peak_rss_bytes` is `resource.getrusage` over the whole process, loading included. CUDA: the same fields
 from `torch.cuda.memory_allocated` / `max_memory_allocated`.
 """
