@@ -28,8 +28,9 @@ activations, logits or their chunks, the gradients and, from step 1 on, AdamW's 
 adds: the gradients (freed by `zero_grad` between steps: 4 bytes a parameter in float32, as in both trainers), the
 saved activations, the loss's working memory and AdamW's temporaries; the difference between the two trainers at
 equal gradients is the design's (logits or their chunks).
-`process_peak_rss_bytes` is `resource.getrusage` over the whole process, loading included. CUDA: the same fields
-from `torch.cuda.memory_allocated` / `max_memory_allocated`.
+`process_peak_rss_bytes` is the whole process' peak, loading included: `resource.getrusage`'s figure, or a
+high-water mark read before one of the resets where larger (the kernel's `ru_maxrss` follows the reset). CUDA:
+the same fields from `torch.cuda.memory_allocated` / `max_memory_allocated` (process peak: the largest of them).
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def run(impl: str, model: str, response_tokens: int, steps: int, device: str = "
                   weight_decay=0.0, max_grad_norm=1.0, per_device_train_batch_size=1, gradient_accumulation_steps=1,
                   max_steps=steps, logging_steps=1, save_strategy="no", disable_tqdm=True, max_length=None,
                   disable_dropout=True, seed=0, dataloader_num_workers=0)
-    timing: dict = {"begin": [], "end": [], "start_rss": [], "peak_rss": [], "start_alloc": [], "peak_alloc": []}
+    timing: dict = {"begin": [], "end": [], "start_rss": [], "peak_rss": [], "start_alloc": [], "peak_alloc": [],
+                    "hwm_before_resets": 0}
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -168,9 +170,11 @@ def run(impl: str, model: str, response_tokens: int, steps: int, device: str = "
             if cuda:
                 torch.cuda.synchronize()
                 timing["start_alloc"].append(torch.cuda.memory_allocated())
+                timing["hwm_before_resets"] = max(timing["hwm_before_resets"], torch.cuda.max_memory_allocated())
                 torch.cuda.reset_peak_memory_stats()
             else:
                 timing["start_rss"].append(_status_bytes("VmRSS"))
+                timing["hwm_before_resets"] = max(timing["hwm_before_resets"], _status_bytes("VmHWM"))
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")  # reset VmHWM to the current RSS
             timing["begin"].append(time.perf_counter())
@@ -223,7 +227,9 @@ def run(impl: str, model: str, response_tokens: int, steps: int, device: str = "
     train_seconds = time.perf_counter() - start
     step_seconds = [e - b for b, e in zip(timing["begin"], timing["end"])]
     starts, peaks = (timing["start_alloc"], timing["peak_alloc"]) if cuda else (timing["start_rss"], timing["peak_rss"])
-    ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    # getrusage cannot see a peak from before a VmHWM reset: the largest of it and each mark read before a reset
+    process_peak = max(0 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                       timing["hwm_before_resets"], *peaks)
     return {
         "impl": impl, "model": model, "device": str(dev), "dtype": dtype, "response_tokens": response_tokens,
         "prompt_tokens": lengths[0], "steps": steps, "step_seconds": step_seconds,
@@ -232,7 +238,7 @@ def run(impl: str, model: str, response_tokens: int, steps: int, device: str = "
         "step_start_rss_bytes": starts, "peak_rss_bytes": peaks,
         "peak_above_fixed_bytes": [p - timing["fixed"] for p in peaks],
         "step_extra_bytes": [p - s for p, s in zip(peaks, starts)],
-        "process_peak_rss_bytes": ru_maxrss if not cuda else torch.cuda.max_memory_allocated(),
+        "process_peak_rss_bytes": process_peak,
         "versions": _versions(), "command": None, "machine": _machine(dev),
     }
 
