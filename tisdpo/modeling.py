@@ -170,20 +170,36 @@ def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], backend: str =
 
 _CHECKSUM_CHUNK = 1 << 22
 _CHECKSUM_MOD = 65521
+_CHECKSUM_GROUP = 64  # chunks summed at once: 256 MiB of the tensor, a [64, 65521] int64 partial sum
 
 
 def _bytes_checksum(tensor: torch.Tensor) -> tuple[int, int]:
-    """A Fletcher-style checksum of every byte of `tensor`, computed on its device in int64 chunks of 4 MiB: the
-    byte sum and the sum of the bytes weighted by their position (mod 65521, + 1) and chunk index. Any change of a
-    value changes it (barring collisions of the position weights); exact integer maths, so equal on every device."""
+    """A Fletcher-style checksum of every byte of `tensor`, computed on its device: the byte sum and the sum over
+    4 MiB chunks of (chunk index + 1) times the chunk's bytes weighted by their position in it (mod 65521, + 1),
+    the latter mod 2**61 - 1. Any change of a value changes it (barring collisions of the position weights); exact
+    integer maths, so equal on every device. One pass over the bytes, no widened copy of them: a chunk's weighted
+    sum is `sum_r (r + 1) * (sum of its bytes at positions = r mod 65521)`, the inner sums accumulated in int32."""
     data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    weights = torch.arange(min(_CHECKSUM_CHUNK, data.numel()), device=data.device, dtype=torch.int64)
-    weights = weights % _CHECKSUM_MOD + 1
-    plain = weighted = 0
-    for k, start in enumerate(range(0, data.numel(), _CHECKSUM_CHUNK)):
-        chunk = data[start:start + _CHECKSUM_CHUNK].to(torch.int64)
-        plain += int(chunk.sum())
-        weighted = (weighted + (k + 1) * int((chunk * weights[: chunk.numel()]).sum())) % (2**61 - 1)
+    weights = torch.arange(1, _CHECKSUM_MOD + 1, device=data.device, dtype=torch.int64)
+    plain, weighted, index = 0, 0, 0
+    full = data.numel() // _CHECKSUM_CHUNK * _CHECKSUM_CHUNK
+    blocks = [data[:full].view(-1, _CHECKSUM_CHUNK)] if full else []
+    if full < data.numel():
+        blocks.append(data[full:].view(1, -1))
+    for block in blocks:
+        for group in block.split(_CHECKSUM_GROUP):
+            rows, length = group.shape
+            periods = length // _CHECKSUM_MOD * _CHECKSUM_MOD
+            rest = group[:, periods:].to(torch.int64)
+            plain += int(rest.sum())
+            by_position = (rest * weights[: length - periods]).sum(1)  # no integer matmul on CUDA
+            if periods:  # column sums <= 64 * 255 (int32 is exact), times a weight <= 65521, 65521 columns: < 2**47
+                columns = group[:, :periods].view(rows, -1, _CHECKSUM_MOD).sum(1, dtype=torch.int32).to(torch.int64)
+                plain += int(columns.sum())
+                by_position = by_position + (columns * weights).sum(1)
+            for value in by_position.tolist():
+                index += 1
+                weighted = (weighted + index * value) % (2**61 - 1)
     return plain, weighted
 
 

@@ -456,10 +456,15 @@ class TISDPOTrainer(Trainer):
         """A function building the frozen reference: `model_id` reloaded (TRL's way: also right for a quantized
         model), else a deep copy of `model`, refused if its weights changed since construction."""
         if model_id is not None:
-            return lambda: load_pretrained_model(model_id, **init_kwargs)
+            def reload_checkpoint():
+                """the policy's checkpoint loaded again"""
+                return load_pretrained_model(model_id, **init_kwargs)
+
+            return reload_checkpoint
         initial = model_fingerprint(model, include_config=False)
 
         def copy_initial_policy():
+            """a frozen copy of the initial policy, its weights checked unchanged since TISDPOTrainer(...)"""
             policy = self.accelerator.unwrap_model(self.model)
             if model_fingerprint(policy, include_config=False) != initial:
                 raise RuntimeError(
@@ -473,7 +478,13 @@ class TISDPOTrainer(Trainer):
     def _ensure_ref_model(self) -> nn.Module | None:
         """The reference model, built now if it is the lazy copy of the initial policy and not built yet."""
         if self.ref_model is None and self._build_ref is not None:
+            policy = self.accelerator.unwrap_model(self.model)
+            count = sum(p.numel() for p in policy.parameters())
+            logger.info("Building the reference model (%.1fM parameters): %s, once, before the first step.",
+                        count / 1e6, self._build_ref.__doc__)
+            start = time.perf_counter()
             ref_model = self._build_ref()
+            logger.info("Reference model built in %.1f s.", time.perf_counter() - start)
             self._build_ref = None
             self._setup_ref_model(ref_model, self.accelerator.unwrap_model(self.model))
             self._prepare_module(ref_model, self.args)

@@ -389,6 +389,20 @@ def test_reference_is_built_lazily_from_the_initial_policy(tok, quick_args):
     assert precomputed.ref_model is None and precomputed._build_ref is None
 
 
+def test_building_the_reference_says_so_once_with_its_time(tok, quick_args, caplog):
+    """The lazy copy (a checksum of every weight, then a deep copy: seconds for a real model, paid once before the
+    first step) is announced by a log line and its time, at train() start, and not again."""
+    trainer = TISDPOTrainer(tiny_llama(len(tok)), args=TISDPOConfig(**quick_args, max_steps=2),
+                            train_dataset=dataset_of(hh_records()[:3]), processing_class=tok)
+    with caplog.at_level(logging.INFO, logger="tisdpo.trainer"):
+        trainer.train()
+    announced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Building the reference model")]
+    params = sum(p.numel() for p in trainer.model.parameters()) / 1e6
+    assert announced == [f"Building the reference model ({params:.1f}M parameters): a frozen copy of the initial "
+                         "policy, its weights checked unchanged since TISDPOTrainer(...), once, before the first step."]
+    assert sum("Reference model built in" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_lora_initialisation_depends_on_args_seed_only(tok, quick_args):
     peft = pytest.importorskip("peft")
     weights = []
