@@ -290,7 +290,7 @@ class TISDPOConfig(TrainingArguments):
         metadata={
             "help": "Log TRL DPOTrainer's per-token metrics of the policy (entropy, logits/chosen, logits/rejected, "
             "mean_token_accuracy), computed in the fused head's pass over the vocabulary. Off: those four are not "
-            "logged and the head's forward skips their statistics (1.2-1.5x its cost on CPU, "
+            "logged and the head's forward skips their statistics (1.25-1.3x its cost on CPU, "
             "benchmarks/results/token-stats-cpu.json); num_tokens and the reward metrics are logged either way.",
         },
     )
