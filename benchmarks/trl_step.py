@@ -4,8 +4,8 @@
         [--model smollm2 | DIR] [--device auto|cpu|cuda] [--dtype fp32|bf16] [--prompt-tokens 16] [--lr 1e-6]
 
 One preference pair (a short prompt, a chosen and a rejected response of exactly `--response-tokens` tokens each,
-the EOS token included) of real text: `docs/design.md` tokenised by the model's tokenizer and repeated to the
-length, the chosen response from its start, the rejected one from its middle. The text goes in as strings and each
+the EOS token included) of real text: the shipped dialogues (`tisdpo/assets/dialogues.jsonl`, every message in
+order) tokenised by the model's tokenizer and repeated to the length, the chosen response from its start, the rejected one from its middle. The text goes in as strings and each
 trainer tokenises it its own way (ours with `tokenization="joint"`, TRL 1.16's), so both see the same ids: the
 response lengths each trainer produced are checked and recorded. The same hyper-parameters for both: the policy's
 reference is each trainer's default (a frozen copy of the initial policy: ours deep-copies it when `train()`
@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TEXT_PATH = REPO_ROOT / "docs" / "design.md"
+TEXT_PATH = REPO_ROOT / "tisdpo" / "assets" / "dialogues.jsonl"  # shipped, fixed: the figures stay reproducible
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}  # as benchmarks.memory
 PROMPT = "Explain how the library computes the loss of a preference pair without the logits.\n\nAnswer:"
 BETA = 0.1
@@ -67,10 +67,16 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def _dialogue_text() -> str:
+    """Every message of the shipped dialogues, in file order, one paragraph each."""
+    rows = [json.loads(line) for line in TEXT_PATH.read_text().splitlines() if line.strip()]
+    return "\n\n".join(m["content"] for r in rows for key in ("prompt", "chosen", "rejected") for m in r[key])
+
+
 def pair_texts(tokenizer, response_tokens: int, prompt_tokens: int) -> dict:
     """`{"prompt", "chosen", "rejected"}` strings whose joint tokenisation (prompt + response + EOS, TRL 1.16's) has
     `prompt_tokens` prompt tokens (the prompt cut or padded with its own text) and `response_tokens` response tokens
-    each, EOS included: the responses are `docs/design.md`, repeated, decoded from a token prefix of the right size
+    each, EOS included: the responses are the shipped dialogues' text, repeated, decoded from a token prefix of the right size
     (re-tokenising a decoded prefix can merge or split tokens at the cut: the prefix nearest in size that fits)."""
     if response_tokens < 2:
         raise ValueError(f"--response-tokens must be >= 2 (one text token and EOS), got {response_tokens}")
@@ -78,7 +84,7 @@ def pair_texts(tokenizer, response_tokens: int, prompt_tokens: int) -> dict:
     prompt_ids = (prompt_ids * (prompt_tokens // len(prompt_ids) + 1))[-prompt_tokens:]
     prompt = tokenizer.decode(prompt_ids)
     n_prompt = len(tokenizer(prompt)["input_ids"])
-    text_ids = tokenizer(TEXT_PATH.read_text(), add_special_tokens=False)["input_ids"]
+    text_ids = tokenizer(_dialogue_text(), add_special_tokens=False)["input_ids"]
     out = {"prompt": prompt}
     for name, start in (("chosen", 0), ("rejected", len(text_ids) // 2)):
         ids = text_ids[start:] + text_ids[:start]
