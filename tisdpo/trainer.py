@@ -126,13 +126,12 @@ def _local_cu_seqlens(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.arange(rows + 1, dtype=torch.int32, device=inputs["labels"].device) * width
 
 
-def _trl_token_count(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def _trl_token_count(inputs: dict[str, torch.Tensor], tokens):
     """The batch's tokens as TRL's `DPOTrainer` counts them for `num_tokens` (`attention_mask.sum()` of its
-    `[2B, T]` layout): every token of the 2B sequences, prompts included, padding not; a prompt shared by a pair
-    (`prefix_sharing`) counts twice, once per sequence. A 0-d int64 tensor."""
-    tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(inputs["input_ids"].numel())
+    `[2B, T]` layout), from `tokens`, those the decoder ran: every token of the 2B sequences, prompts included,
+    padding not; a prompt shared by a pair (`prefix_sharing`) ran once but counts twice, once per sequence."""
     if PREFIX_PARTS in inputs:
-        tokens = tokens + (inputs[PREFIX_PARTS] == PROMPT).sum()
+        return tokens + (inputs[PREFIX_PARTS] == PROMPT).sum()
     return tokens
 
 
@@ -554,7 +553,7 @@ class TISDPOTrainer(Trainer):
             metrics = dict(metrics, aux_loss=self._aux_loss.detach())
             loss = loss + self.args.router_aux_loss_coef * self._aux_loss.to(loss.dtype)
         tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
-        self._store_metrics(metrics, mode, tokens, _trl_token_count(inputs))
+        self._store_metrics(metrics, mode, tokens, _trl_token_count(inputs, tokens))
         return (loss, metrics) if return_outputs else loss
 
     def _preference_loss(self, model, inputs):
@@ -670,7 +669,7 @@ class TISDPOTrainer(Trainer):
         predictions = {name: value.detach().float().reshape(1) for name, value in sorted(metrics.items())}
         return loss.detach(), predictions, torch.tensor([pairs], device=loss.device)
 
-    def _store_metrics(self, metrics: dict[str, torch.Tensor], mode: str, tokens, trl_tokens=None) -> None:
+    def _store_metrics(self, metrics: dict[str, torch.Tensor], mode: str, tokens, trl_tokens) -> None:
         """One micro-batch's metrics, gathered over the processes: a per-pair metric as the mean of the
         processes' values, a per-token one (`TOKEN_STAT_COUNTS`) as TRL does, the sum of the processes' sums over
         the sum of their token counts (0 over none). `tokens`: the tokens the decoder ran (`tokens_per_second`);
@@ -684,7 +683,7 @@ class TISDPOTrainer(Trainer):
                                if n in TOKEN_STAT_COUNTS and counts else torch.ones((), device=device)
                                for n in names])
         token_counts = torch.stack([torch.as_tensor(t, dtype=torch.float32, device=device).reshape(())
-                                    for t in (tokens, tokens if trl_tokens is None else trl_tokens)])
+                                    for t in (tokens, trl_tokens)])
         local = torch.cat([values * weights, weights, token_counts])
         gathered = self.accelerator.gather(local.unsqueeze(0)).sum(0)  # [2 names + 2], summed over processes
         k = len(names)
@@ -694,10 +693,8 @@ class TISDPOTrainer(Trainer):
             self._metrics[mode][name].append(value)
         if mode == "train":
             self._tokens_since_log += float(gathered[2 * k])
-            if trl_tokens is not None:
-                self._total_train_tokens += int(gathered[2 * k + 1])
-        if trl_tokens is not None:
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            self._total_train_tokens += int(gathered[2 * k + 1])
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the averaged step metrics (TRL's names; `eval_` prefixed in evaluation), `tokens_per_second` and,
